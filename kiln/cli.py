@@ -1,0 +1,23 @@
+"""kiln's front door: the `kiln` command (typer + rich). Each command group lives in kiln/commands/."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="kiln",
+    help="Bake VM images from recipes kept in git, and remember exactly how every image was made.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold keys and credentials
+    add_completion=False,
+)
+db_app = typer.Typer(help="The provenance database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@app.callback()
+def main() -> None:
+    """Bake VM images from recipes kept in git, and remember exactly how every image was made."""
+
+
+# Command groups register themselves here, one line each (keep imports one-way: kiln -> flows -> tasks).
