@@ -1,0 +1,15 @@
+"""Cloud backends behind one protocol (clouds/base.py); open_cloud picks the backend a recipe target names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def open_cloud(target: Any) -> Any:
+    """The backend for a recipe target (kiln.recipe LocalTarget / EC2Target / OpenStackTarget)."""
+    kind = target.cloud
+    if kind == "local":
+        from clouds.local import LocalCloud
+
+        return LocalCloud(accel=target.accel, memory_mb=target.memory_mb, cpus=target.cpus)
+    raise ValueError(f"cloud kind {kind!r} has no backend in this kiln yet (known: local)")

@@ -1,0 +1,180 @@
+"""The build DAG for one target (build_image) and the fan-out over a recipe's targets (build_recipe)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from clouds import open_cloud
+from kiln.recipe import load_recipe
+from provenance import gitinfo, lineage, store
+from tasks.common import BuildPlan, describe, release_open
+from tasks.customize import customize
+from tasks.fetch_base import fetch_base
+from tasks.launch import launch
+from tasks.register import register
+from tasks.sanitize import sanitize
+from tasks.snapshot import snapshot
+from tasks.verify import verify
+from tasks.wait_boot import wait_boot
+
+OnError = Literal["cleanup", "abort"]
+_ACTIVE: dict[str, BuildPlan] = {}  # flow run id -> plan, for the flow's failure hooks in this process
+
+
+class BadInput(ValueError):
+    """The request is wrong before anything started (unknown target, dirty tree with --require-clean)."""
+
+
+@dataclass
+class TargetResult:
+    target: str
+    build_id: str | None
+    status: str
+    image_id: str | None = None
+    stage: str | None = None
+    error: str | None = None
+
+
+def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, require_clean: bool) -> BuildPlan:
+    """Validate, capture git, record the recipe version and open the Build row: nothing launched yet."""
+    recipe = load_recipe(recipe_path)
+    if target not in recipe.targets:
+        raise BadInput(f"{recipe_path}: targets.{target}: no such target (have: {', '.join(recipe.targets)})")
+    git = gitinfo.capture(recipe.path, recipe.referenced_files())
+    if require_clean:
+        gitinfo.require_clean(git)
+    version_id = store.record_recipe_version(
+        name=recipe.name,
+        version=recipe.version,
+        fingerprint=recipe.fingerprint(),
+        recipe_json=recipe.canonical_json(),
+        git=git,
+    )
+    spec = recipe.targets[target]
+    build_id = store.start_build(
+        recipe_version_id=version_id,
+        target=target,
+        cloud=spec.cloud,
+        region=getattr(spec, "region", "") or "",
+        trigger=trigger,
+        flow_run_id=str(flow_run.id) if flow_run.id else None,
+        parameters={"recipe": str(recipe_path), "target": target, "on_error": on_error},
+    )
+    return BuildPlan(
+        build_id=build_id,
+        recipe=recipe,
+        target_name=target,
+        git=git,
+        recipe_version_id=version_id,
+        cloud=open_cloud(spec),
+        on_error=on_error,
+    )
+
+
+def conclude_failure(plan: BuildPlan, exc: BaseException) -> None:
+    """Record the failure, then undo everything in reverse order (or keep it all with --on-error abort)."""
+    cancelled = isinstance(exc, KeyboardInterrupt | SystemExit) or type(exc).__name__ == "TerminationSignal"
+    if plan.on_error == "abort" and not cancelled:
+        store.finish_build(plan.build_id, "failed", error=describe(exc))
+        return
+    leftovers = release_open(plan)
+    error = describe(exc) + (f"; could not release: {'; '.join(leftovers)}" if leftovers else "")
+    store.finish_build(plan.build_id, "cancelled" if cancelled else "failed", error=error)
+
+
+def _release_on_hook(flow, run, state) -> None:  # noqa: ANN001 - Prefect's hook signature
+    plan = _ACTIVE.pop(str(run.id), None)
+    if plan is not None and plan.on_error != "abort":
+        release_open(plan)
+
+
+@flow(
+    name="build-image",
+    on_failure=[_release_on_hook],
+    on_cancellation=[_release_on_hook],
+    on_crashed=[_release_on_hook],
+)
+def build_image(
+    recipe: str, target: str, on_error: OnError = "cleanup", trigger: str = "cli", require_clean: bool = False
+) -> dict:
+    """One target's image: fetch base → launch → wait boot → customize → sanitize → snapshot → verify → register."""
+    plan = prepare(recipe, target, trigger=trigger, on_error=on_error, require_clean=require_clean)
+    _ACTIVE[str(flow_run.id)] = plan
+    try:
+        base = fetch_base(plan)
+        guest = launch(plan, base.image)
+        wait_boot(plan, guest)
+        customize(plan, guest)
+        sanitize(plan, guest)
+        image = snapshot(plan, guest)
+        verification = verify(plan, image)
+        registered = register(plan, base, image, verification)
+    except BaseException as exc:
+        conclude_failure(plan, exc)
+        raise
+    store.finish_build(plan.build_id, "succeeded")
+    _ACTIVE.pop(str(flow_run.id), None)
+    return asdict(TargetResult(target, plan.build_id, "succeeded", registered.image_id, "register"))
+
+
+class BuildRequest(BaseModel):
+    """What the Prefect UI asks for when a build is triggered by hand."""
+
+    recipe: str = Field(description="Recipe file, relative to the worker's working directory (the kiln checkout)")
+    targets: list[str] = Field(default_factory=list, description="Targets to build; empty builds every target")
+    on_error: OnError = Field("cleanup", description="cleanup: release everything; abort: keep the failed guest")
+    require_clean: bool = Field(False, description="Refuse recipes with uncommitted or untracked files")
+
+
+def targets_of(request: BuildRequest) -> list[str]:
+    """All requested targets, checked before any build starts."""
+    recipe = load_recipe(request.recipe)
+    targets = request.targets or list(recipe.targets)
+    unknown = [t for t in targets if t not in recipe.targets]
+    if unknown:
+        raise BadInput(f"{request.recipe}: targets.{unknown[0]}: no such target (have: {', '.join(recipe.targets)})")
+    return targets
+
+
+@flow(name="build-recipe")
+def build_recipe(request: BuildRequest, trigger: str = "ui") -> list[dict]:
+    """Every requested target concurrently; one failing target does not stop the others."""
+    targets = targets_of(request)
+    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        states = {
+            target: pool.submit(
+                build_image,
+                request.recipe,
+                target,
+                request.on_error,
+                trigger,
+                request.require_clean,
+                return_state=True,
+            )
+            for target in targets
+        }
+    return [asdict(_result(target, future.result())) for target, future in states.items()]
+
+
+def _result(target: str, state) -> TargetResult:  # noqa: ANN001 - a Prefect State
+    if state.is_completed():
+        return TargetResult(**state.result())
+    build = lineage.build_for_flow_run(str(state.state_details.flow_run_id)) if state.state_details else None
+    try:
+        state.result()
+        error = state.message
+    except BaseException as exc:  # the failed run's exception, re-raised by Prefect
+        error = describe(exc)
+    return TargetResult(
+        target,
+        build.id if build else None,
+        build.status if build else "failed",
+        stage=build.stage if build else None,
+        error=error,
+    )

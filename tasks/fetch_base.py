@@ -1,0 +1,52 @@
+"""Stage 1: resolve the recipe's base for this cloud and record it (id and digest) as the build's parent image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clouds.base import BaseImage
+from provenance import lineage, store
+from tasks.common import BuildPlan, StepLog, stage
+
+
+class RevokedBaseError(RuntimeError):
+    """The base image was revoked in provenance; building on it would propagate the problem."""
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    image: BaseImage
+    row_id: int  # the base's Image row: the parent of what this build makes
+
+
+@stage("fetch_base")
+def fetch_base(plan: BuildPlan, *, step_log: StepLog) -> ResolvedBase:
+    target = plan.target
+    step_log(f"resolving base ({target.base.kind}) for target {plan.target_name} on {plan.cloud.name}")
+    base = plan.cloud.resolve_base(target.base, target.ssh_user)
+    step_log(f"base {base.image_id} digest {base.digest}")
+    row_id = _base_row(base)
+    status = lineage.image_status(row_id)
+    if status in ("revoked", "parent-revoked"):
+        raise RevokedBaseError(
+            f"base {base.image_id} is {status} in provenance: choose another base for target {plan.target_name}"
+        )
+    return ResolvedBase(image=base, row_id=row_id)
+
+
+def _base_row(base: BaseImage) -> int:
+    """A base kiln built itself keeps its own row, so lineage runs through it; any other base gets one."""
+    known = lineage.find_image_row(base.cloud, base.details.get("kiln_image_id") or base.image_id, base.region)
+    if known is not None:
+        return known
+    return store.record_image(
+        cloud=base.cloud,
+        region=base.region,
+        image_id=base.image_id,
+        name=base.name,
+        sha256=base.digest,
+        path=str(base.details.get("path", "")),
+        size=base.details.get("size"),
+        format=base.details.get("format", ""),
+        kind="base",
+    )

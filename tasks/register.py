@@ -1,0 +1,131 @@
+"""Stage 8: tag the cloud image, record it with its parent and packages, write the catalog entry and artifacts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from clouds.base import TAG_ROLE, ImageRef
+from kiln import settings
+from provenance import store
+from tasks.common import BuildPlan, StepLog, hand_over, stage
+from tasks.fetch_base import ResolvedBase
+from tasks.verify import Verification
+
+CATALOG_VALIDITY = dt.timedelta(days=365)  # like StratusLab's signed metadata: an entry expires unless renewed
+
+
+@dataclass(frozen=True)
+class RegisteredImage:
+    image_id: str
+    row_id: int
+    cloud: str
+    region: str
+    catalog_path: str
+
+
+def record_image_rows(plan: BuildPlan, base: ResolvedBase, image: ImageRef, tags: dict[str, str]) -> int:
+    """One row for the image (its primary file), one 'copy' row per other format of the same build."""
+    primary = image.files[0] if image.files else None
+    row_id = store.record_image(
+        cloud=image.cloud,
+        region=image.region,
+        image_id=image.image_id,
+        name=image.name,
+        format=primary.format if primary else "",
+        size=primary.size if primary else None,
+        sha256=primary.sha256 if primary else "",
+        path=primary.path if primary else "",
+        build_id=plan.build_id,
+        parent_id=base.row_id,
+        kind="built",
+        tags=tags,
+    )
+    for extra in image.files[1:]:
+        store.record_image(
+            cloud=image.cloud,
+            region=image.region,
+            image_id=f"{image.image_id}.{extra.format}",
+            name=image.name,
+            format=extra.format,
+            size=extra.size,
+            sha256=extra.sha256,
+            path=extra.path,
+            build_id=plan.build_id,
+            parent_id=base.row_id,
+            kind="copy",
+            tags=tags,
+        )
+    return row_id
+
+
+def catalog_entry(plan: BuildPlan, base: ResolvedBase, image: ImageRef, verification: Verification) -> dict:
+    recipe, now = plan.recipe, dt.datetime.now(dt.UTC)
+    return {
+        "identifier": image.image_id,
+        "name": recipe.name,
+        "version": recipe.version,
+        "description": recipe.description,
+        "author": recipe.author.model_dump() if recipe.author else None,
+        "cloud": image.cloud,
+        "region": image.region,
+        "os": verification.os,
+        "files": [{"format": f.format, "path": f.path, "size": f.size, "sha256": f.sha256} for f in image.files],
+        "parent": {"image_id": base.image.image_id, "digest": base.image.digest},
+        "build_id": plan.build_id,
+        "recipe_fingerprint": recipe.fingerprint(),
+        "commit": plan.git.commit,
+        "dirty": plan.git.dirty,
+        "probes": [{"name": o.name, "passed": o.passed} for o in verification.outcomes],
+        "created": now.isoformat(),
+        "valid_until": (now + CATALOG_VALIDITY).isoformat(),
+    }
+
+
+def write_catalog(entry: dict) -> Path:
+    path = settings.data_dir() / "catalog" / f"{entry['identifier']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entry, indent=2) + "\n")
+    return path
+
+
+def publish_artifacts(plan: BuildPlan, entry: dict) -> None:
+    key = f"kiln-{plan.recipe.name}-{plan.target_name}".lower().replace(".", "-").replace("_", "-")
+    probes = "\n".join(f"| {p['name']} | {'passed' if p['passed'] else 'FAILED'} |" for p in entry["probes"])
+    create_markdown_artifact(
+        key=key,
+        description=f"kiln build {plan.build_id}",
+        markdown=(
+            f"# {plan.recipe.name} {plan.recipe.version} → `{entry['identifier']}`\n\n"
+            f"- target: **{plan.target_name}** ({entry['cloud']} {entry['region']})\n"
+            f"- build: `{plan.build_id}`\n- commit: `{entry['commit']}`{' (dirty)' if entry['dirty'] else ''}\n"
+            f"- recipe fingerprint: `{entry['recipe_fingerprint']}`\n"
+            f"- base: `{entry['parent']['image_id']}` ({entry['parent']['digest']})\n- os: {entry['os']}\n\n"
+            f"| probe | result |\n|---|---|\n{probes}\n"
+        ),
+    )
+    create_table_artifact(
+        key=f"{key}-images",
+        table=[{"image": entry["identifier"], **f} for f in entry["files"]] or [{"image": entry["identifier"]}],
+        description=f"images of kiln build {plan.build_id}",
+    )
+
+
+@stage("register")
+def register(
+    plan: BuildPlan, base: ResolvedBase, image: ImageRef, verification: Verification, *, step_log: StepLog
+) -> RegisteredImage:
+    tags = {**plan.tags, TAG_ROLE: "image"}
+    plan.cloud.tag_image(image, tags)
+    row_id = record_image_rows(plan, base, image, tags)
+    store.record_packages(row_id, verification.packages)
+    entry = catalog_entry(plan, base, image, verification)
+    catalog = write_catalog(entry)
+    publish_artifacts(plan, entry)
+    hand_over(plan, image.image_id)
+    step_log(f"registered {image.image_id} (parent {base.image.image_id}); catalog entry {catalog}")
+    return RegisteredImage(image.image_id, row_id, image.cloud, image.region, str(catalog))

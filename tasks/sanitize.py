@@ -1,0 +1,163 @@
+"""Stage 5: clean the machine with named operations, like virt-sysprep's, each logging what it removed."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from clouds.ssh import GuestSession
+from kiln.recipe import SANITIZE_OPERATIONS
+from tasks.common import BuildPlan, StepLog, stage
+from tasks.launch import Guest
+
+# Each script prints what it removed, one path a line, so the step log says exactly what went.
+_LIST_AND_REMOVE = 'for f in {globs}; do [ -e "$f" ] || [ -L "$f" ] || continue; echo "$f"; rm -rf -- "$f"; done'
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    heading: str
+    description: str
+    script: Callable[[str], str]  # ssh user -> shell script run as root
+    default: bool = True
+
+
+def _remove(*globs: str) -> Callable[[str], str]:
+    return lambda user: _LIST_AND_REMOVE.format(globs=" ".join(globs))
+
+
+def _ssh_userdir(user: str) -> str:
+    home = f"$(getent passwd {shlex.quote(user)} | cut -d: -f6)"
+    return _LIST_AND_REMOVE.format(globs=f'"{home}/.ssh" /root/.ssh/authorized_keys /root/.ssh/authorized_keys2')
+
+
+_LOGFILES = r"""
+find /var/log -type f \( -name '*.gz' -o -name '*.[0-9]' -o -name '*.old' \
+  -o -name '*.journal' -o -name '*.journal~' \) -print -delete
+find /var/log -type f -size +0 -print -exec truncate -s 0 {} +
+"""
+
+_ZERO_FREE_SPACE = """
+if trimmed=$(fstrim -av 2>/dev/null) && [ -n "$trimmed" ]; then echo "$trimmed"; else
+  dd if=/dev/zero of=/kiln-zero bs=1M status=none 2>/dev/null; sync; rm -f /kiln-zero; echo "zeroed free space on /"
+fi
+"""
+
+REGISTRY: tuple[Operation, ...] = (
+    Operation(
+        "ssh-hostkeys",
+        "Remove the SSH host keys",
+        "Every instance generates its own at first boot "
+        "(cloud-init); shared host keys let one instance impersonate another.",
+        _remove("/etc/ssh/ssh_host_*_key", "/etc/ssh/ssh_host_*_key.pub"),
+    ),
+    Operation(
+        "ssh-userdir",
+        "Remove the build user's .ssh directory and root's authorized keys",
+        "The build key must not open the published image; users get their keys from cloud-init.",
+        _ssh_userdir,
+    ),
+    Operation(
+        "machine-id",
+        "Empty /etc/machine-id",
+        "systemd makes a new one at first boot, so instances do not share DHCP client ids or journal ids.",
+        lambda user: (
+            "[ -s /etc/machine-id ] && echo /etc/machine-id; truncate -s 0 /etc/machine-id; "
+            "rm -fv /var/lib/dbus/machine-id 2>/dev/null | sed 's/^removed //'; true"
+        ),
+    ),
+    Operation(
+        "cloud-init-state",
+        "Remove cloud-init's instance state, seeds and logs",
+        "So the image runs cloud-init afresh on its first boot as a new instance.",
+        lambda user: (
+            "if command -v cloud-init >/dev/null; then cloud-init clean --logs --seed && "
+            "echo 'cloud-init clean --logs --seed'; fi"
+        ),
+    ),
+    Operation(
+        "udev-persistent-net",
+        "Remove udev's persistent network rules",
+        "Otherwise a new NIC MAC address becomes eth1 and the image boots without network.",
+        _remove("/etc/udev/rules.d/70-persistent-net.rules"),
+    ),
+    Operation(
+        "bash-history",
+        "Remove shell history",
+        "History can hold commands with secrets.",
+        _remove("/root/.bash_history", "/home/*/.bash_history", "/root/.lesshst", "/home/*/.lesshst"),
+    ),
+    Operation(
+        "logfiles",
+        "Empty log files and remove rotated logs and journals",
+        "Build-time logs mean nothing to the image's users and may hold build details.",
+        lambda user: _LOGFILES,
+    ),
+    Operation(
+        "tmp-files",
+        "Remove temporary files",
+        "Nothing in /tmp or /var/tmp survives into the image.",
+        _remove("/tmp/*", "/tmp/.[!.]*", "/var/tmp/*", "/var/tmp/.[!.]*"),
+    ),
+    Operation(
+        "package-manager-cache",
+        "Remove package caches and downloaded package lists",
+        "Smaller images; lists are stale by the time anyone boots the image.",
+        _remove(
+            "/var/cache/apt/archives/*.deb",
+            "/var/cache/apt/*.bin",
+            "/var/lib/apt/lists/*_*",
+            "/var/cache/dnf/*",
+            "/var/cache/yum/*",
+            "/var/cache/zypp/*",
+        ),
+    ),
+    Operation(
+        "dhcp-client-state",
+        "Remove DHCP leases",
+        "A new instance must not ask for the builder's lease.",
+        _remove(
+            "/var/lib/dhcp/*",
+            "/var/lib/dhclient/*",
+            "/var/lib/NetworkManager/*.lease",
+            "/var/lib/systemd/network/*",
+        ),
+    ),
+    Operation(
+        "zero-free-space",
+        "Discard (or zero) free space",
+        "Unused blocks compress to nothing, so the image is small; run last.",
+        lambda user: _ZERO_FREE_SPACE,
+    ),
+)
+
+assert tuple(op.name for op in REGISTRY) == SANITIZE_OPERATIONS, "the recipe schema and the registry disagree"
+
+
+def operations(selected: list[str]) -> list[Operation]:
+    by_name = {op.name: op for op in REGISTRY}
+    return [by_name[name] for name in selected]
+
+
+def run_operation(session: GuestSession, op: Operation, ssh_user: str, step_log: StepLog) -> int:
+    """Run one operation as root; returns how many things it reported removing."""
+    result = session.run(op.script(ssh_user), timeout=1800)
+    removed = [line for line in result.stdout.splitlines() if line.strip()]
+    for line in removed:
+        step_log(f"{op.name}: {line}")
+    step_log(f"{op.name}: done ({len(removed)} removed)")
+    return len(removed)
+
+
+@stage("sanitize")
+def sanitize(plan: BuildPlan, guest: Guest, *, step_log: StepLog) -> list[str]:
+    selected = plan.recipe.sanitize.selected()
+    skipped = [name for name in SANITIZE_OPERATIONS if name not in selected]
+    if skipped:
+        step_log(f"disabled by the recipe: {', '.join(skipped)}")
+    for op in operations(selected):
+        run_operation(guest.session, op, guest.instance.ssh_user, step_log)
+    guest.session.run("sync", timeout=300)
+    return selected
