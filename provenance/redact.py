@@ -1,0 +1,49 @@
+"""Redaction of secrets from text bound for a log or the database: private key blocks and AWS secret keys."""
+
+from __future__ import annotations
+
+import re
+
+REDACTED_KEY = "[REDACTED PRIVATE KEY]"
+# Left at the end of a text whose key block has not ended yet: the next chunk of the same stream continues it.
+OPEN_KEY = "[REDACTED PRIVATE KEY (continues)]"
+REDACTED_VALUE = "[REDACTED]"
+
+_BEGIN = r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+_END = r"-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+_KEY_BLOCK = re.compile(rf"{_BEGIN}.*?{_END}", re.DOTALL)
+_KEY_UNTERMINATED = re.compile(rf"{_BEGIN}.*\Z", re.DOTALL)
+_KEY_TAIL = re.compile(rf"\A.*?{_END}", re.DOTALL)
+_AWS_SECRET = re.compile(
+    r"""(?P<name>aws_secret_access_key|secret_access_key|secretaccesskey)
+        (?P<sep>["']?\s*[:=]\s*["']?)
+        (?P<value>[A-Za-z0-9/+=]{16,})""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+
+def redact(text: str) -> str:
+    """Text with every private key block and AWS secret access key value replaced by a marker.
+
+    A key block that begins but does not end in `text` is redacted to the end and marked with OPEN_KEY,
+    so a streamed log can redact the rest with `redact_continuation`.
+    """
+    text = _KEY_BLOCK.sub(REDACTED_KEY, text)
+    text = _KEY_UNTERMINATED.sub(OPEN_KEY, text)
+    return _AWS_SECRET.sub(lambda m: f"{m['name']}{m['sep']}{REDACTED_VALUE}", text)
+
+
+def redact_continuation(text: str) -> str:
+    """Redact a chunk that continues an open key block: everything up to its END line, then `redact`.
+
+    Returns "" when the block does not end in this chunk either (the stream stays open).
+    """
+    match = _KEY_TAIL.search(text)
+    if match is None:
+        return ""
+    return redact(text[match.end() :])
+
+
+def ends_open(text: str) -> bool:
+    """Whether redacted text ends inside a private key block (its next chunk must be redacted as such)."""
+    return text.endswith(OPEN_KEY)
