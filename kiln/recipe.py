@@ -1,0 +1,976 @@
+"""The recipe: its YAML format, its validation into typed models, its fingerprint and its JSON Schema."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import json
+import posixpath
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+CLOUD_KINDS = ("local", "ec2", "openstack")
+
+# Named like virt-sysprep's operations where the meaning is the same; all run unless disabled.
+SANITIZE_OPERATIONS = (
+    "ssh-hostkeys",
+    "ssh-userdir",
+    "machine-id",
+    "cloud-init-state",
+    "udev-persistent-net",
+    "bash-history",
+    "logfiles",
+    "tmp-files",
+    "package-manager-cache",
+    "dhcp-client-state",
+    "zero-free-space",
+)
+
+OUTPUT_FORMATS = ("qcow2", "raw", "vmdk", "vdi", "ova")
+BASE_SOURCES = ("image", "name", "ssm_parameter", "file", "url", "bootstrap")
+FINGERPRINT_SCHEME = 1  # bump when the canonical form changes, so old fingerprints never collide
+
+SLUG = r"^[a-z0-9][a-z0-9._-]*$"
+VERSION = r"^\d+(\.\d+){0,2}([-+].*)?$"
+PACKAGE = r"^[A-Za-z0-9][A-Za-z0-9.+:~_=-]*$"
+SHA256 = r"^[0-9a-f]{64}$"
+HTTP_URL = r"^https?://[^\s/]+\S*$"
+EMAIL = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+MODE = r"^[0-7]{3,4}$"
+OWNER = r"^[A-Za-z0-9_][A-Za-z0-9._-]*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?$"
+UNIX_USER = r"^[a-z_][a-z0-9_-]*$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+AWS_REGION = r"^[a-z]{2}(-[a-z]+)+-\d+$"
+AWS_ACCOUNT = r"^\d{12}$"
+EC2_INSTANCE_TYPE = r"^[a-z0-9][a-z0-9-]*\.[a-z0-9-]+$"
+SUBNET_ID = r"^subnet-[0-9a-f]+$"
+VPC_ID = r"^vpc-[0-9a-f]+$"
+NO_SPACE = r"^\S+$"
+HTTP_PATH = r"^/\S*$"
+
+# What each pattern means, in words, for error messages (pydantic would print the regex).
+_PATTERN_MEANING = {
+    SLUG: "a slug: lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
+    VERSION: "a version like 1, 1.2 or 1.2.3, optionally followed by -suffix or +suffix",
+    PACKAGE: "a package name (letters, digits and . + : ~ _ = -; no spaces or shell characters)",
+    SHA256: "a sha256: 64 lowercase hex digits, as sha256sum prints it",
+    HTTP_URL: "an http:// or https:// URL",
+    EMAIL: "an email address like builder@example.org",
+    MODE: "an octal file mode like \"0644\"",
+    OWNER: "an owner like root or root:root",
+    UNIX_USER: "a Unix user name like debian or admin",
+    ENV_NAME: "an environment variable name (letters, digits, _)",
+    AWS_REGION: "an AWS region like us-east-1",
+    AWS_ACCOUNT: "a 12-digit AWS account id",
+    EC2_INSTANCE_TYPE: "an EC2 instance type like t3.small",
+    SUBNET_ID: "a subnet id like subnet-0abc123",
+    VPC_ID: "a VPC id like vpc-0abc123",
+    NO_SPACE: "a single word without spaces",
+    HTTP_PATH: "an absolute URL path like /index.html",
+}
+
+
+class Problem(NamedTuple):
+    """One thing wrong with a recipe: the field path, what is wrong, and the YAML line where known."""
+
+    field: str
+    message: str
+    line: int | None
+
+
+class RecipeError(Exception):
+    """A recipe that cannot be used; str() gives one `file:line: field: message` line per problem."""
+
+    def __init__(self, file: str | Path, problems: list[Problem]) -> None:
+        self.file = Path(file)
+        self._shown = str(file)
+        self.problems = problems
+        super().__init__(str(self))
+
+    def lines(self) -> list[str]:
+        return [_render_problem(self._shown, problem) for problem in self.problems]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _render_problem(file: str, problem: Problem) -> str:
+    where = f"{file}:{problem.line}" if problem.line is not None else file
+    return f"{where}: {problem.field}: {problem.message}" if problem.field else f"{where}: {problem.message}"
+
+
+def _field_error(message: str, *sub: str | int) -> PydanticCustomError:
+    """An error raised by a model-level check but belonging to a field below it (`sub`, relative)."""
+    return PydanticCustomError("kiln_field", "{message}", {"message": message, "sub": sub})
+
+
+def _yaml_text(value: Any) -> Any:
+    """The source text of a YAML number, for fields that are text even when YAML reads a number."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, _YamlInt | _YamlFloat):
+        return value.yaml_text
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+YamlText = Annotated[str, BeforeValidator(_yaml_text)]
+
+
+class _Model(BaseModel):
+    # strict: YAML already has types, so "yes" is not a boolean and "80" is not a port
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# ---------------------------------------------------------------- paths inside the recipe's directory
+
+
+def _recipe_relative(value: str, info: ValidationInfo) -> str:
+    """Normalise a recipe-relative path; with a validation context, check it is a regular file inside."""
+    if not value:
+        raise ValueError("must not be empty")
+    if value.startswith("/"):
+        raise ValueError(f"{value} is absolute; give a path relative to the recipe's directory")
+    normal = posixpath.normpath(value)
+    if normal == ".." or normal.startswith("../"):
+        raise ValueError(f"{value} points outside the recipe's directory")
+    context = info.context or {}
+    base_dir: Path | None = context.get("base_dir")
+    if base_dir is None:
+        return normal
+    shown = context.get("shown_dir", f"{base_dir}/")
+    full = base_dir / normal
+    if not full.resolve().is_relative_to(base_dir.resolve()):
+        raise ValueError(f"{value} is a symlink that resolves outside the recipe's directory ({shown})")
+    if not full.exists():
+        raise ValueError(f"{value} does not exist (relative to {shown})")
+    if not full.is_file():
+        raise ValueError(f"{value} is not a regular file (relative to {shown})")
+    return normal
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- models
+
+
+class Author(_Model):
+    """Who maintains the recipe."""
+
+    name: str = Field(min_length=1)
+    email: str | None = Field(default=None, pattern=EMAIL)
+
+
+class FileSpec(_Model):
+    """A file copied from the recipe's directory into the guest."""
+
+    src: str = Field(description="Path relative to the recipe's directory.")
+    dest: str = Field(description="Absolute path in the guest.")
+    mode: YamlText = Field(default="0644", pattern=MODE, description="Octal mode, e.g. \"0644\".")
+    owner: str = Field(default="root:root", pattern=OWNER)
+
+    _check_src = field_validator("src")(_recipe_relative)
+
+    @field_validator("mode")
+    @classmethod
+    def _four_digit_mode(cls, mode: str) -> str:
+        return mode.zfill(4)
+
+    @field_validator("dest")
+    @classmethod
+    def _absolute_guest_path(cls, dest: str) -> str:
+        if not dest.startswith("/"):
+            raise ValueError(f"{dest} is relative; give an absolute path in the guest, like /etc/motd")
+        if ".." in dest.split("/"):
+            raise ValueError(f"{dest} contains '..'; give the path without it")
+        if dest.endswith("/"):
+            raise ValueError(f"{dest} names a directory; give the full path of the file")
+        if any(ord(char) < 32 for char in dest):
+            raise ValueError("contains control characters")
+        return posixpath.normpath(dest)
+
+
+class Script(_Model):
+    """A shell script run as root in the guest: a file in the recipe's directory, or inline text."""
+
+    path: str | None = Field(default=None, description="Script file relative to the recipe's directory.")
+    inline: str | None = Field(default=None, description="Shell text run as is.")
+    name: str = Field(default="", description="Shown in logs; defaults to the path or inline-N.")
+    env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = {}
+
+    @field_validator("path")
+    @classmethod
+    def _path_inside_recipe(cls, path: str | None, info: ValidationInfo) -> str | None:
+        return None if path is None else _recipe_relative(path, info)
+
+    @field_validator("inline")
+    @classmethod
+    def _inline_not_blank(cls, inline: str | None) -> str | None:
+        if inline is not None and not inline.strip():
+            raise ValueError("is empty")
+        return inline
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, name: str) -> str:
+        if any(ord(char) < 32 for char in name) or len(name) > 100:
+            raise ValueError("must be one line of at most 100 characters")
+        return name
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Script:
+        if (self.path is None) == (self.inline is None):
+            which = "both" if self.path is not None else "neither"
+            raise ValueError(f"give either path or inline (found {which})")
+        if not self.name and self.path is not None:
+            self.name = self.path
+        return self
+
+
+def _script_from_yaml(value: Any) -> Any:
+    """`scripts/x.sh` is short for `{path: scripts/x.sh}`."""
+    if isinstance(value, str):
+        return {"path": value}
+    if not isinstance(value, dict):
+        raise PydanticCustomError(
+            "kiln_field",
+            "{message}",
+            {"message": f"expected a script path or a mapping {{path: ...}} or {{inline: ...}}, "
+                        f"got {_describe(value)}", "sub": ()},
+        )
+    return value
+
+
+ScriptEntry = Annotated[Script, BeforeValidator(_script_from_yaml, json_schema_input_type=str | Script)]
+
+
+class SanitizeSpec(_Model):
+    """Which sanitize operations run before the snapshot: all of them, minus `disable`."""
+
+    enable: list[Literal[SANITIZE_OPERATIONS]] = []  # type: ignore[valid-type]
+    disable: list[Literal[SANITIZE_OPERATIONS]] = []  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _not_both(self) -> SanitizeSpec:
+        for index, name in enumerate(self.disable):
+            if name in self.enable:
+                raise _field_error(f"{name!r} is both enabled and disabled; keep it in one list", "disable", index)
+        return self
+
+    def selected(self) -> list[str]:
+        """The operations to run, in SANITIZE_OPERATIONS order."""
+        return [name for name in SANITIZE_OPERATIONS if name not in self.disable]
+
+
+class CommandProbe(_Model):
+    """Run a command in the booted image; pass on the exit code and, if given, a substring of stdout."""
+
+    run: str = Field(min_length=1)
+    expect: str | None = None
+    exit_code: int = Field(default=0, ge=0, le=255)
+    timeout: int = Field(default=60, gt=0)
+
+
+class PortProbe(_Model):
+    """A TCP port of the booted image accepts connections."""
+
+    port: int = Field(ge=1, le=65535)
+    timeout: int = Field(default=60, gt=0)
+
+
+class HttpProbe(_Model):
+    """An HTTP GET on the booted image returns this status and, if given, a substring of the body."""
+
+    port: int = Field(default=80, ge=1, le=65535)
+    path: str = Field(default="/", pattern=HTTP_PATH)
+    status: int = Field(default=200, ge=100, le=599)
+    expect: str | None = None
+    timeout: int = Field(default=60, gt=0)
+
+
+def _one_key_of_non_null_properties(schema: dict[str, Any]) -> None:
+    """JSON Schema of a single-key mapping whose value is never null (`{http: {...}}`)."""
+    schema.update(minProperties=1, maxProperties=1)
+    for prop in schema["properties"].values():
+        branches = [branch for branch in prop.pop("anyOf") if branch != {"type": "null"}]
+        prop.update(branches[0])
+        prop.pop("default", None)
+
+
+class Probe(_Model):
+    """One verify step: exactly one of command, port or http."""
+
+    model_config = ConfigDict(json_schema_extra=_one_key_of_non_null_properties)
+
+    command: CommandProbe | None = None
+    port: PortProbe | None = None
+    http: HttpProbe | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> Probe:
+        kinds = [kind for kind in ("command", "port", "http") if getattr(self, kind) is not None]
+        if len(kinds) != 1:
+            found = " and ".join(kinds) if kinds else "none"
+            raise ValueError(f"a probe has exactly one kind (command, port or http); found {found}")
+        return self
+
+    @property
+    def kind(self) -> Literal["command", "port", "http"]:
+        if self.command is not None:
+            return "command"
+        return "port" if self.port is not None else "http"
+
+    @property
+    def spec(self) -> CommandProbe | PortProbe | HttpProbe:
+        spec = self.command or self.port or self.http
+        assert spec is not None  # guaranteed by _exactly_one_kind
+        return spec
+
+    @property
+    def timeout(self) -> int:
+        return self.spec.timeout
+
+    @property
+    def label(self) -> str:
+        """Short human text: `command systemctl is-active apache2`, `port :22`, `http :80/test.txt`."""
+        if self.command is not None:
+            run = self.command.run if len(self.command.run) <= 48 else self.command.run[:47] + "…"
+            return f"command {run}"
+        if self.port is not None:
+            return f"port :{self.port.port}"
+        assert self.http is not None
+        return f"http :{self.http.port}{self.http.path}"
+
+
+class Outputs(_Model):
+    """Disk formats the build produces (local cloud); the first is the primary image."""
+
+    formats: list[Literal[OUTPUT_FORMATS]] = Field(default=["qcow2"], min_length=1)  # type: ignore[valid-type]
+
+    @field_validator("formats")
+    @classmethod
+    def _no_duplicates(cls, formats: list[str]) -> list[str]:
+        for index, name in enumerate(formats):
+            if name in formats[:index]:
+                raise _field_error(f"{name!r} is listed twice", index)
+        return formats
+
+
+_CRON_FIELDS = (  # name, lowest, highest, names allowed
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+
+
+def _cron_problem(expression: str) -> str | None:
+    """Why a 5-field cron expression is malformed, or None when it is well formed."""
+    fields = expression.split()
+    if len(fields) != 5:
+        return f"{expression!r} has {len(fields)} fields; cron needs 5 (minute hour day-of-month month day-of-week)"
+    for text, (what, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
+        for part in text.split(","):
+            match = re.fullmatch(r"(\*|[0-9a-z]+(?:-[0-9a-z]+)?)(?:/(\d+))?", part.lower())
+            if not match or (match.group(2) is not None and int(match.group(2)) == 0):
+                return f"{what} field {text!r} is not cron syntax"
+            if match.group(1) == "*":
+                continue
+            for bound in match.group(1).split("-"):
+                value = names.index(bound) + (low if what == "month" else 0) if bound in names else None
+                if value is None and not bound.isdigit():
+                    return f"{what} field {text!r}: {bound!r} is not a number" + (
+                        f" or one of {', '.join(names)}" if names else ""
+                    )
+                if value is None and not low <= int(bound) <= high:
+                    return f"{what} field {text!r}: {bound} is outside {low}-{high}"
+    return None
+
+
+class Schedule(_Model):
+    """Hints for the nightly-rebuild flow."""
+
+    cron: str | None = Field(default=None, description="5-field cron expression for scheduled rebuilds.")
+    nightly: bool = Field(default=True, description="Rebuild in the nightly run when stale.")
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, cron: str | None) -> str | None:
+        if cron is not None and (problem := _cron_problem(cron)):
+            raise ValueError(problem)
+        return None if cron is None else " ".join(cron.split())
+
+
+class Timeouts(_Model):
+    """Stage time limits in seconds."""
+
+    boot: int = Field(default=900, gt=0)
+    customize: int = Field(default=3600, gt=0)
+    image: int = Field(default=1800, gt=0)
+
+
+class BaseSpec(_Model):
+    """Where a build starts: exactly one of image, name, ssm_parameter, file, url or bootstrap."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [{"required": [source]} for source in BASE_SOURCES],
+            "dependentRequired": {"url": ["sha256"], "owners": ["name"], "packages": ["bootstrap"]},
+        }
+    )
+
+    image: str | None = Field(default=None, min_length=1,
+                              description="AMI id, Glance id or name, or a kiln local image id.")
+    name: str | None = Field(default=None, min_length=1, description="Image name or pattern; the newest wins.")
+    owners: list[YamlText] | None = Field(default=None, description="EC2 owners of `name` images.")
+    ssm_parameter: str | None = Field(default=None, pattern=r"^/\S+$", description="EC2 SSM parameter path.")
+    file: str | None = Field(default=None, description="Disk image relative to the recipe (local).")
+    url: str | None = Field(default=None, pattern=HTTP_URL, description="Disk image to download (local).")
+    sha256: str | None = Field(default=None, pattern=SHA256)
+    bootstrap: Literal["debian-bookworm"] | None = Field(default=None, description="Build the base (local).")
+    packages: list[Annotated[str, Field(pattern=PACKAGE)]] | None = Field(
+        default=None, description="Extra packages baked into a bootstrap base."
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _file_inside_recipe(cls, file: str | None, info: ValidationInfo) -> str | None:
+        return None if file is None else _recipe_relative(file, info)
+
+    @model_validator(mode="after")
+    def _one_source(self, info: ValidationInfo) -> BaseSpec:
+        sources = [source for source in BASE_SOURCES if getattr(self, source) is not None]
+        if len(sources) != 1:
+            choices = ", ".join(BASE_SOURCES)
+            if not sources:
+                raise ValueError(f"no base given; set exactly one of {choices}")
+            raise ValueError(f"set exactly one base source, found {' and '.join(sources)} (choices: {choices})")
+        if self.owners is not None and self.name is None:
+            raise _field_error("owners only applies to a name search", "owners")
+        if self.packages is not None and self.bootstrap is None:
+            raise _field_error("packages only applies to a bootstrap base", "packages")
+        if self.sha256 is not None and self.file is None and self.url is None:
+            raise _field_error("sha256 only applies to a file or url base", "sha256")
+        if self.url is not None and self.sha256 is None:
+            raise _field_error("is required with url: kiln checks every base it downloads", "sha256")
+        base_dir = (info.context or {}).get("base_dir")
+        if self.file is not None and self.sha256 is not None and base_dir is not None:
+            actual = _file_sha256(base_dir / self.file)
+            if actual != self.sha256:
+                raise _field_error(f"{self.file} has sha256 {actual}, not {self.sha256}", "sha256")
+        return self
+
+    @property
+    def kind(self) -> Literal["image", "name", "ssm_parameter", "file", "url", "bootstrap"]:
+        return next(source for source in BASE_SOURCES if getattr(self, source) is not None)  # type: ignore[return-value]
+
+
+class _TargetBase(_Model):
+    base: BaseSpec
+    ssh_user: str = Field(default="debian", pattern=UNIX_USER, description="Login user of the base image.")
+    disk_size_gb: int | None = Field(default=None, gt=0, le=16384)
+
+    _allowed_bases: typing.ClassVar[tuple[str, ...]] = BASE_SOURCES
+
+    @model_validator(mode="after")
+    def _base_fits_cloud(self) -> _TargetBase:
+        cloud = type(self).model_fields["cloud"].default
+        kind = self.base.kind
+        if kind not in self._allowed_bases:
+            allowed = ", ".join(self._allowed_bases)
+            raise _field_error(f"{kind} bases are not available for {cloud} targets (use {allowed})", "base", kind)
+        if self.base.owners is not None and cloud != "ec2":
+            raise _field_error(f"owners only applies to ec2 targets, not {cloud}", "base", "owners")
+        return self
+
+
+def _cidr(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR block like 203.0.113.0/24") from None
+
+
+class LocalTarget(_TargetBase):
+    """A QEMU virtual machine on this host."""
+
+    cloud: Literal["local"] = "local"
+    memory_mb: int = Field(default=2048, ge=256)
+    cpus: int = Field(default=2, ge=1, le=64)
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+
+    _allowed_bases = ("image", "name", "file", "url", "bootstrap")
+
+
+class EC2Target(_TargetBase):
+    """Amazon EC2 (or an EC2-compatible endpoint)."""
+
+    cloud: Literal["ec2"] = "ec2"
+    region: str = Field(pattern=AWS_REGION)
+    profile: str | None = Field(default=None, min_length=1, description="AWS profile name.")
+    endpoint_url: str | None = Field(default=None, pattern=HTTP_URL)
+    instance_type: str = Field(default="t3.small", pattern=EC2_INSTANCE_TYPE)
+    subnet_id: str | None = Field(default=None, pattern=SUBNET_ID)
+    vpc_id: str | None = Field(default=None, pattern=VPC_ID)
+    ssh_interface: Literal["public", "private"] = "public"
+    ssh_cidr: str | None = Field(default=None, description="Who may reach SSH during the build.")
+    regions: list[Annotated[str, Field(pattern=AWS_REGION)]] = Field(
+        default=[], description="Extra regions the image is copied to."
+    )
+    share_with: list[Annotated[YamlText, Field(pattern=AWS_ACCOUNT)]] = Field(
+        default=[], description="AWS account ids given launch permission."
+    )
+
+    _allowed_bases = ("image", "name", "ssm_parameter")
+    _check_cidr = field_validator("ssh_cidr")(_cidr)
+
+
+class OpenStackTarget(_TargetBase):
+    """An OpenStack cloud reached through a clouds.yaml entry."""
+
+    cloud: Literal["openstack"] = "openstack"
+    os_cloud: str | None = Field(default=None, min_length=1, description="clouds.yaml entry; default: target name.")
+    flavor: str = Field(min_length=1)
+    network: str | None = Field(default=None, min_length=1)
+    floating_ip: bool = False
+    ssh_cidr: str | None = None
+    share_with: list[Annotated[str, Field(pattern=NO_SPACE)]] = Field(
+        default=[], description="Project ids the image is shared with."
+    )
+
+    _allowed_bases = ("image", "name")
+    _check_cidr = field_validator("ssh_cidr")(_cidr)
+
+    def effective_os_cloud(self, target_name: str) -> str:
+        """The clouds.yaml entry to use: os_cloud, else the target's name."""
+        return self.os_cloud or target_name
+
+
+Target = Annotated[LocalTarget | EC2Target | OpenStackTarget, Field(discriminator="cloud")]
+TargetName = Annotated[str, Field(pattern=SLUG, max_length=63)]
+
+
+class Recipe(_Model):
+    """A kiln recipe: how to bake one image on one or more clouds, and how to prove it works."""
+
+    name: str = Field(pattern=SLUG, max_length=63)
+    version: YamlText = Field(pattern=VERSION)
+    description: str = ""
+    author: Author | None = None
+    targets: dict[TargetName, Target] = Field(min_length=1)
+    packages: list[Annotated[str, Field(pattern=PACKAGE)]] = []
+    files: list[FileSpec] = []
+    scripts: list[ScriptEntry] = []
+    sanitize: SanitizeSpec = Field(default_factory=SanitizeSpec)
+    verify: list[Probe] = []
+    outputs: Outputs = Field(default_factory=Outputs)
+    schedule: Schedule | None = None
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+
+    _path: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cloud_from_target_name(cls, data: Any) -> Any:
+        """A target named local, ec2 or openstack is of that cloud unless it says otherwise."""
+        if not isinstance(data, dict) or not isinstance(data.get("targets"), dict):
+            return data
+        targets = {
+            name: {"cloud": name, **target} if name in CLOUD_KINDS and isinstance(target, dict) else target
+            for name, target in data["targets"].items()
+        }
+        return {**data, "targets": targets}
+
+    @field_validator("files")
+    @classmethod
+    def _one_file_per_dest(cls, files: list[FileSpec]) -> list[FileSpec]:
+        for index, spec in enumerate(files):
+            for earlier, other in enumerate(files[:index]):
+                if other.dest == spec.dest:
+                    raise _field_error(f"{spec.dest} is already written by files[{earlier}]", index, "dest")
+        return files
+
+    @field_validator("scripts")
+    @classmethod
+    def _named_scripts(cls, scripts: list[Script]) -> list[Script]:
+        named = [
+            script if script.name else script.model_copy(update={"name": f"inline-{index + 1}"})
+            for index, script in enumerate(scripts)
+        ]
+        for index, script in enumerate(named):
+            if any(other.name == script.name for other in named[:index]):
+                raise _field_error(f"another script is already named {script.name!r}", index, "name")
+        return named
+
+    @property
+    def path(self) -> Path | None:
+        """The recipe file (absolute) when loaded with load_recipe; not part of the recipe itself."""
+        return self._path
+
+    @property
+    def base_dir(self) -> Path:
+        """The directory recipe-relative paths resolve against (the current directory if not loaded)."""
+        return self._path.parent if self._path is not None else Path.cwd()
+
+    def resolve(self, relative: str) -> Path:
+        """A recipe-relative path (files[].src, scripts[].path, base.file) as a path on this machine."""
+        return self.base_dir / relative
+
+    def _relative_files(self) -> list[str]:
+        paths = [spec.src for spec in self.files]
+        paths += [script.path for script in self.scripts if script.path is not None]
+        paths += [target.base.file for target in self.targets.values() if target.base.file is not None]
+        return sorted(set(paths))
+
+    def referenced_files(self) -> list[Path]:
+        """Every file the recipe uses besides itself, sorted: files[].src, script paths, base files."""
+        return [self.resolve(relative) for relative in self._relative_files()]
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical recipe (defaults filled, keys sorted) and each referenced file's content."""
+        files = []
+        for relative in self._relative_files():
+            try:
+                files.append({"path": relative, "sha256": _file_sha256(self.resolve(relative))})
+            except OSError as error:
+                problem = Problem(_field_of_file(self, relative), f"cannot read {relative}: {error.strerror}", None)
+                raise RecipeError(self._path or Path(self.name), [problem]) from error
+        canonical = {"scheme": FINGERPRINT_SCHEME, "recipe": self.model_dump(mode="json"), "files": files}
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def target(self, name: str) -> LocalTarget | EC2Target | OpenStackTarget:
+        """The target called `name`; KeyError naming the recipe's targets when there is none."""
+        try:
+            return self.targets[name]
+        except KeyError:
+            raise KeyError(f"recipe {self.name} has no target {name!r} (targets: {', '.join(self.targets)})") from None
+
+    def target_kind(self, name: str) -> Literal["local", "ec2", "openstack"]:
+        """Which cloud the target called `name` builds on."""
+        return self.target(name).cloud
+
+    def probe_ports(self) -> list[int]:
+        """TCP ports the verify probes reach directly (to forward or open), sorted, without repeats."""
+        ports = {probe.spec.port for probe in self.verify if isinstance(probe.spec, PortProbe | HttpProbe)}
+        return sorted(ports)
+
+
+def _field_of_file(recipe: Recipe, relative: str) -> str:
+    for index, spec in enumerate(recipe.files):
+        if spec.src == relative:
+            return f"files[{index}].src"
+    for index, script in enumerate(recipe.scripts):
+        if script.path == relative:
+            return f"scripts[{index}].path"
+    for name, target in recipe.targets.items():
+        if target.base.file == relative:
+            return f"targets.{name}.base.file"
+    return ""
+
+
+# ---------------------------------------------------------------- YAML loading with line numbers
+
+
+class _YamlInt(int):
+    yaml_text: str
+
+
+class _YamlFloat(float):
+    yaml_text: str
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that keeps the source text of numbers and reads timestamps as plain strings."""
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _YamlInt:
+    value = _YamlInt(yaml.SafeLoader.construct_yaml_int(loader, node))
+    value.yaml_text = node.value
+    return value
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _YamlFloat:
+    value = _YamlFloat(yaml.SafeLoader.construct_yaml_float(loader, node))
+    value.yaml_text = node.value
+    return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+
+
+def _parse_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    finally:
+        loader.dispose()
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _line_at(root: yaml.Node, loc: tuple[str | int, ...]) -> int:
+    """The line of the deepest node along `loc` (a mapping entry's key line; a missing key gives its parent)."""
+    node, line = root, _line(root)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            matches = [(key, value) for key, value in node.value
+                       if isinstance(key, yaml.ScalarNode) and key.value == str(part)]
+            if not matches:
+                return line
+            key, node = matches[-1]  # YAML keeps the last of duplicate keys
+            line = _line(key)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = _line(node)
+        else:
+            return line
+    return line
+
+
+def _render_loc(loc: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _duplicate_keys(node: yaml.Node, loc: tuple[str | int, ...] = ()) -> list[Problem]:
+    """PyYAML silently keeps the last of duplicate keys; a recipe must not say two things at once."""
+    problems: list[Problem] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    problems.append(Problem(_render_loc((*loc, key.value)),
+                                            f"duplicate key (first set on line {seen[key.value]})", _line(key)))
+                seen.setdefault(key.value, _line(key))
+                problems += _duplicate_keys(value, (*loc, key.value))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            problems += _duplicate_keys(item, (*loc, index))
+    return problems
+
+
+# ---------------------------------------------------------------- pydantic errors as Problems
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"number {_yaml_text(value)}"
+    if isinstance(value, str):
+        return f"string {value[:60]!r}" + ("…" if len(value) > 60 else "")
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+_TYPE_WORDS = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "float_type": "a number",
+}
+
+
+def _expected_keys(loc: tuple[str | int, ...]) -> list[str]:
+    """Keys allowed in the mapping at `loc` (a pydantic error location, union tags included)."""
+    candidates: list[Any] = [Recipe]
+    for part in loc:
+        following: list[Any] = []
+        for annotation in candidates:
+            for kind in _unwrap(annotation):
+                origin = typing.get_origin(kind)
+                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                    if isinstance(part, str) and part in kind.model_fields:
+                        following.append(kind.model_fields[part].annotation)
+                    elif kind.model_fields.get("cloud") and kind.model_fields["cloud"].default == part:
+                        following.append(kind)  # the discriminator tag pydantic puts in the location
+                elif origin is list and isinstance(part, int):
+                    following.append(typing.get_args(kind)[0])
+                elif origin is dict:
+                    following.append(typing.get_args(kind)[1])
+        candidates = following
+    keys: list[str] = []
+    for annotation in candidates:
+        for kind in _unwrap(annotation):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                keys += [key for key in kind.model_fields if key not in keys]
+    return keys
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types inside Annotated[...] and unions."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [kind for arg in typing.get_args(annotation) for kind in _unwrap(arg)]
+    return [annotation]
+
+
+def _problem_from_error(error: dict[str, Any], root: yaml.Node | None) -> Problem:
+    raw_loc: tuple[str | int, ...] = tuple(error["loc"])
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    loc = raw_loc
+    if len(loc) >= 3 and loc[0] == "targets" and loc[2] in CLOUD_KINDS:
+        loc = loc[:2] + loc[3:]  # drop the discriminator tag pydantic inserts
+    is_key = bool(loc) and loc[-1] == "[key]"
+    if is_key:
+        loc = loc[:-1]
+    message = _message(kind, ctx, value, raw_loc, error["msg"], is_key)
+    if kind == "kiln_field":
+        loc = (*loc, *ctx["sub"])
+    elif kind in ("union_tag_not_found", "union_tag_invalid"):
+        loc = (*loc, "cloud")
+    return Problem(_render_loc(loc), message, _line_at(root, loc) if root is not None else None)
+
+
+def _message(kind: str, ctx: dict[str, Any], value: Any, loc: tuple[str | int, ...], msg: str, is_key: bool) -> str:
+    if kind == "kiln_field":
+        return ctx["message"]
+    if kind == "value_error":
+        return str(ctx.get("error", msg))
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        if len(loc) == 3 and loc[0] == "verify":
+            return "unknown probe kind; a probe is one of command, port or http"
+        expected = _expected_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), expected, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (expected one of: {', '.join(expected)})"
+        return "unknown key" + hint
+    if kind == "union_tag_not_found":
+        return ("is required: say which cloud this target builds on (local, ec2 or openstack), "
+                "or name the target after its cloud")
+    if kind == "union_tag_invalid":
+        return f"unknown cloud {ctx.get('tag')!r}; kiln knows {', '.join(CLOUD_KINDS)}"
+    if kind == "literal_error":
+        return f"unknown value {value!r}; expected {ctx.get('expected')}"
+    if kind == "string_pattern_mismatch":
+        meaning = _PATTERN_MEANING.get(ctx.get("pattern", ""), f"matching {ctx.get('pattern')}")
+        subject = "the key " if is_key else ""
+        return f"{subject}{value!r} is not {meaning}"
+    if kind in _TYPE_WORDS:
+        hint = " (quote it)" if kind == "string_type" and isinstance(value, int | float) else ""
+        return f"expected {_TYPE_WORDS[kind]}, got {_describe(value)}{hint}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bound = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}",
+                 "less_than": "< {lt}", "less_than_equal": "<= {le}"}[kind].format(**ctx)
+        return f"must be {bound}, got {value}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "too_long":
+        return f"must be at most {ctx.get('max_length')} long"
+    return msg
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, parse and validate a recipe file, its referenced files included; RecipeError lists every problem."""
+    path = Path(path)
+    shown_dir = f"{path.parent}/"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(path, [Problem("", "no such recipe file", None)]) from None
+    except IsADirectoryError:
+        raise RecipeError(path, [Problem("", "is a directory, not a recipe file", None)]) from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(path, [Problem("", f"is not UTF-8 text ({error.reason})", None)]) from None
+    except OSError as error:
+        raise RecipeError(path, [Problem("", f"cannot be read: {error.strerror}", None)]) from None
+    try:
+        root, data = _parse_yaml(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        detail = ", ".join(part for part in (error.context, error.problem) if part)
+        raise RecipeError(path, [Problem("", f"invalid YAML: {detail}", mark.line + 1 if mark else None)]) from None
+    except yaml.YAMLError as error:
+        raise RecipeError(path, [Problem("", f"invalid YAML: {error}", None)]) from None
+    if root is None:
+        raise RecipeError(path, [Problem("", "the recipe is empty", None)])
+    if not isinstance(data, dict):
+        raise RecipeError(path, [Problem("", f"the recipe must be a mapping (name: ..., targets: ...), "
+                                             f"not {_describe(data)}", _line(root))])
+    problems = _duplicate_keys(root)
+    context = {"base_dir": path.parent, "shown_dir": shown_dir}
+    try:
+        recipe = Recipe.model_validate(data, context=context)
+    except ValidationError as error:
+        problems += [_problem_from_error(dict(item), root) for item in error.errors(include_url=False)]
+        recipe = None
+    if problems or recipe is None:
+        raise RecipeError(path, sorted(problems, key=lambda problem: (problem.line or 0)))
+    recipe._path = path.absolute()
+    return recipe
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the recipe YAML, for editors and other tools."""
+    schema = Recipe.model_json_schema()
+    union = {"oneOf": [{"$ref": f"#/$defs/{model.__name__}"}
+                       for model in (LocalTarget, EC2Target, OpenStackTarget)]}
+    target_by_name = {"local": LocalTarget, "ec2": EC2Target, "openstack": OpenStackTarget}
+    schema["properties"]["targets"] = {
+        "title": "Targets",
+        "description": "Clouds to build on, by target name. A target named local, ec2 or openstack "
+                       "is of that cloud unless it sets `cloud`; any other name must set `cloud`.",
+        "type": "object",
+        "minProperties": 1,
+        "propertyNames": {"pattern": SLUG, "maxLength": 63},
+        "properties": {
+            name: {"if": {"required": ["cloud"]}, "then": union,
+                   "else": {"$ref": f"#/$defs/{model.__name__}"}}
+            for name, model in target_by_name.items()
+        },
+        "additionalProperties": {"allOf": [{"required": ["cloud"]}, union]},
+    }
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "kiln recipe"}
