@@ -23,3 +23,4 @@ def main() -> None:
 # Command groups register themselves here, one line each (keep imports one-way: kiln -> flows -> tasks).
 from kiln.commands import records; records.register(app)  # noqa: E402, E702, I001
 from kiln.commands import recipes; recipes.register(app)  # noqa: E402, E702, I001
+from kiln.commands import build; build.register(app)  # noqa: E402, E702, I001

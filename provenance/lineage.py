@@ -169,3 +169,63 @@ def _recipe_dict(recipe: RecipeVersion) -> dict[str, Any]:
     data = _row_dict(recipe)
     data.pop("recipe", None)  # the canonical recipe itself is long; `kiln show --json` keeps it out
     return data
+
+
+# ------------------------------------------------------------------------- reads the build flows need
+
+
+def image_status(image_row_id: int) -> str:
+    """The status of one Image row (available, revoked, parent-revoked, deleted)."""
+    with _session() as session:
+        image = session.get(Image, image_row_id)
+        if image is None:
+            raise LookupError(f"no image row {image_row_id}")
+        return image.status
+
+
+def find_image_row(cloud: str, image_id: str, region: str = "") -> int | None:
+    """The row id of an image kiln knows on this cloud and region (a kiln-built base keeps its own row)."""
+    query = (
+        select(Image.id)
+        .where(Image.cloud == cloud, Image.image_id == image_id, Image.region == region)
+        .order_by(Image.id)
+        .limit(1)
+    )
+    with _session() as session:
+        return session.exec(query).first()
+
+
+def build_for_flow_run(flow_run_id: str) -> Build | None:
+    """The build a Prefect flow run recorded (None when it failed before recording one)."""
+    with _session() as session:
+        return session.exec(select(Build).where(Build.flow_run_id == flow_run_id).limit(1)).first()
+
+
+@dataclass(frozen=True)
+class EquivalentBuild:
+    build_id: str
+    image_id: str
+
+
+def equivalent_build(*, fingerprint: str, target: str, base_digest: str, kiln_version: str) -> EquivalentBuild | None:
+    """A succeeded build of the same recipe fingerprint and target, on the same base bits, by the same kiln."""
+    parent = aliased(Image)
+    query = (
+        select(Build.id, Image.image_id)
+        .join(RecipeVersion, Build.recipe_version_id == RecipeVersion.id)
+        .join(Image, (Image.build_id == Build.id) & (Image.kind == "built"))
+        .join(parent, Image.parent_id == parent.id)
+        .where(
+            RecipeVersion.fingerprint == fingerprint,
+            Build.target == target,
+            Build.status == "succeeded",
+            Build.kiln_version == kiln_version,
+            parent.sha256 == base_digest,
+            Image.status == "available",
+        )
+        .order_by(Build.finished.desc())
+        .limit(1)
+    )
+    with _session() as session:
+        row = session.exec(query).first()
+        return EquivalentBuild(*row) if row else None

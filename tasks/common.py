@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import threading
@@ -148,6 +149,11 @@ def stage(name: str, *, retries: int = 0, retry_delay_seconds: float = 5) -> Cal
             _notify(plan, name, "succeeded")
             return result
 
+        # Prefect binds arguments by signature: show it the stage's own, without the injected step_log.
+        signature = inspect.signature(fn)
+        run.__signature__ = signature.replace(
+            parameters=[p for p in signature.parameters.values() if p.name != "step_log"]
+        )
         return task(
             run,
             name=name,
@@ -188,10 +194,10 @@ def ledgered(
         if created:
             _release_one(plan, row, kind, created[0], region)
         else:
-            store.ledger_released(row, error="never created")
+            store.ledger_released(row)  # nothing was created; gc still finds strays by tag
         raise
     if not created:
-        store.ledger_released(row, error="nothing to create on this cloud")
+        store.ledger_released(row)  # this cloud keeps no such object (a local key pair, say)
 
 
 def _release_one(plan: BuildPlan, row_id: int, kind: str, cloud_id: str, region: str) -> str | None:
@@ -212,7 +218,7 @@ def release_open(plan: BuildPlan, *, role: str | None = None, keep: frozenset[st
         if (role and row_tags(row).get(TAG_ROLE) != role) or row.cloud_id in keep:
             continue
         if not row.cloud_id:
-            store.ledger_released(row.id, error="never created")
+            store.ledger_released(row.id)  # never created; a stray is found by tag by `kiln gc`
             continue
         error = _release_one(plan, row.id, row.kind, row.cloud_id, row.region or "")
         if error:

@@ -85,4 +85,6 @@ def release_guest(plan: BuildPlan, guest: Guest, step_log: StepLog) -> None:
 
 @stage("launch", retries=2, retry_delay_seconds=10)
 def launch(plan: BuildPlan, base: BaseImage, *, step_log: StepLog) -> Guest:
-    return start_guest(plan, base, "build", step_log)
+    guest = start_guest(plan, base, "build", step_log)
+    plan.build_key = guest.key  # verify proves this key no longer opens the image
+    return guest

@@ -1,0 +1,70 @@
+"""Fixtures for flow tests: a Prefect server for the whole session, and recipes committed in throwaway git repos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.prefect_server import prefect_server
+
+KILN = Path(sys.executable).with_name("kiln")
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Prefect server for every flow test; in-process flows and `kiln` subprocesses both use it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with prefect_server(home) as api_url:
+        saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+        os.environ.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))
+        from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}):
+            yield api_url
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def committed_recipe(tmp_path: Path, recipe_text: str, files: dict[str, str] | None = None) -> Path:
+    """A recipe (and its files) committed in a fresh git repository; returns the recipe's path."""
+    repo = tmp_path / "recipes-repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.email", "test@example.org")
+    git(repo, "config", "user.name", "kiln tests")
+    for relative, text in (files or {}).items():
+        path = repo / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (repo / "recipe.yaml").write_text(recipe_text)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "recipe")
+    return repo / "recipe.yaml"
+
+
+def hello_recipe(tmp_path: Path) -> Path:
+    """recipes/hello.yaml with its script, committed in a repo of its own."""
+    files = {"scripts/hello.sh": (REPO / "recipes/scripts/hello.sh").read_text()}
+    return committed_recipe(tmp_path, (REPO / "recipes/hello.yaml").read_text(), files)
+
+
+def run_kiln(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KILN), *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    shutil.copytree(src, dest, dirs_exist_ok=True)

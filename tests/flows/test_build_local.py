@@ -1,0 +1,119 @@
+"""The whole build DAG on the local cloud with real VMs: success, a failing script, and Ctrl-C during customize."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kiln import settings
+from provenance import lineage, store
+from tests.flows.conftest import KILN, committed_recipe, git, hello_recipe, run_kiln
+
+pytestmark = pytest.mark.vm
+
+STAGES = ["fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register"]
+
+
+def qemu_processes() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "kiln" in line]
+
+
+def assert_nothing_left(build_id: str) -> None:
+    assert store.open_resources(build_id) == [], "every ledger row must be released"
+    assert qemu_processes() == [], "no qemu process may outlive a build"
+    leftovers = [p.name for p in settings.state_dir().iterdir()] if settings.state_dir().exists() else []
+    assert leftovers == [], f"no overlay, seed or state directory may be left: {leftovers}"
+
+
+def show(build_id: str) -> dict:
+    result = run_kiln("show", build_id, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_hello_recipe_builds_verifies_and_records_everything(tmp_path, prefect_api):
+    recipe = hello_recipe(tmp_path)
+    commit = git(recipe.parent, "rev-parse", "HEAD")
+
+    result = run_kiln("build", str(recipe), "--target", "local", "--json")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    [outcome] = json.loads(result.stdout)
+    assert outcome["status"] == "succeeded" and outcome["image_id"].startswith("img-")
+    detail = show(outcome["build_id"])
+    assert [(s["stage"], s["status"]) for s in detail["steps"]] == [(s, "succeeded") for s in STAGES]
+    probes = {p["name"]: p["passed"] for p in detail["probes"]}
+    assert probes == {"command cat /etc/kiln-hello": True, "port :22": True, "build key rejected": True}
+    assert detail["recipe"]["commit"] == commit and detail["recipe"]["dirty"] is False
+    from kiln.recipe import load_recipe
+
+    assert detail["recipe"]["fingerprint"] == load_recipe(recipe).fingerprint()
+
+    [image] = lineage.find_image(outcome["image_id"])
+    assert image.parent_image_id and image.parent_image_id != outcome["image_id"]
+    [parent] = lineage.find_image(image.parent_image_id)
+    assert parent.image.kind == "base"
+    assert Path(image.image.path).is_file() and image.image.sha256 and image.build_id == outcome["build_id"]
+    assert_nothing_left(outcome["build_id"])
+
+
+def test_failing_script_fails_customize_and_releases_every_resource(tmp_path, prefect_api):
+    recipe = committed_recipe(
+        tmp_path,
+        "name: broken\nversion: '1'\ntargets:\n  local: {base: {bootstrap: debian-bookworm}, memory_mb: 1024}\n"
+        "scripts: [scripts/fail.sh]\nverify: [{port: {port: 22}}]\n",
+        {"scripts/fail.sh": "#!/bin/sh\necho about to fail\necho the reason >&2\nexit 3\n"},
+    )
+
+    result = run_kiln("build", str(recipe), "--json")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    [outcome] = json.loads(result.stdout)
+    assert outcome["status"] == "failed" and outcome["stage"] == "customize"
+    assert "scripts/fail.sh" in outcome["error"] and "exit code 3" in outcome["error"]
+    detail = show(outcome["build_id"])
+    assert [s["stage"] for s in detail["steps"]] == STAGES[:4]
+    assert detail["steps"][-1]["status"] == "failed"
+    assert "about to fail" in detail["steps"][-1]["log"]
+    assert detail["images"] == []
+    assert_nothing_left(outcome["build_id"])
+
+
+def _wait_for_stage(recipe_name: str, stage: str, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for build in lineage.list_builds(recipe=recipe_name):
+            detail = lineage.get_build(build.build.id)
+            if any(s.stage == stage and s.status == "running" for s in detail.steps):
+                return build.build.id
+        time.sleep(1)
+    raise AssertionError(f"no build of {recipe_name} reached {stage} in {timeout}s")
+
+
+def test_ctrl_c_during_customize_cleans_up_and_records_cancelled(tmp_path, prefect_api):
+    recipe = committed_recipe(
+        tmp_path,
+        "name: sleeper\nversion: '1'\ntargets:\n  local: {base: {bootstrap: debian-bookworm}, memory_mb: 1024}\n"
+        "scripts: [{inline: 'echo sleeping; sleep 600', name: sleep}]\nverify: [{port: {port: 22}}]\n",
+    )
+    proc = subprocess.Popen([str(KILN), "build", str(recipe), "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        build_id = _wait_for_stage("sleeper", "customize")
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    build = lineage.get_build(build_id).build
+    assert build.status == "cancelled" and build.stage == "customize"
+    assert_nothing_left(build_id)
