@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -53,7 +54,7 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
         name=recipe.name,
         version=recipe.version,
         fingerprint=recipe.fingerprint(),
-        recipe_json=recipe.canonical_json(),
+        recipe_json=json.dumps(recipe.model_dump(mode="json"), sort_keys=True),
         git=git,
     )
     spec = recipe.targets[target]
