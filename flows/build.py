@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from clouds import open_cloud
-from kiln.recipe import load_recipe
+from kiln import settings
+from kiln.recipe import Target, load_recipe
 from provenance import gitinfo, lineage, store
 from tasks.common import BuildPlan, describe, release_open
 from tasks.customize import customize
 from tasks.fetch_base import fetch_base
-from tasks.launch import launch
+from tasks.launch import keep_for_debugging, launch
 from tasks.register import register
 from tasks.sanitize import sanitize
 from tasks.snapshot import snapshot
@@ -82,7 +84,8 @@ def conclude_failure(plan: BuildPlan, exc: BaseException) -> None:
     """Record the failure, then undo everything in reverse order (or keep it all with --on-error abort)."""
     cancelled = isinstance(exc, KeyboardInterrupt | SystemExit) or type(exc).__name__ == "TerminationSignal"
     if plan.on_error == "abort" and not cancelled:
-        store.finish_build(plan.build_id, "failed", error=describe(exc))
+        notes = keep_for_debugging(plan)
+        store.finish_build(plan.build_id, "failed", error="\n".join([describe(exc), *notes]))
         return
     leftovers = release_open(plan)
     error = describe(exc) + (f"; could not release: {'; '.join(leftovers)}" if leftovers else "")
@@ -179,3 +182,17 @@ def _result(target: str, state) -> TargetResult:  # noqa: ANN001 - a Prefect Sta
         stage=build.stage if build else None,
         error=error,
     )
+
+
+def cleanup_build(build_id: str) -> list[str]:
+    """Release what a build still holds (a guest kept by --on-error abort, say); returns what could not be."""
+    detail = lineage.get_build(build_id)
+    if detail is None:
+        raise BadInput(f"no build {build_id!r} in the provenance database")
+    recipe = json.loads(detail.recipe.recipe_json)
+    target = TypeAdapter(Target).validate_python(recipe["targets"][detail.build.target])
+    plan = BuildPlan(build_id=detail.build.id, recipe=None, target_name=detail.build.target, git=None,
+                     recipe_version_id=detail.recipe.id, cloud=open_cloud(target))
+    errors = release_open(plan)
+    shutil.rmtree(settings.data_dir() / "debug" / detail.build.id, ignore_errors=True)
+    return errors

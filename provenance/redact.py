@@ -47,3 +47,24 @@ def redact_continuation(text: str) -> str:
 def ends_open(text: str) -> bool:
     """Whether redacted text ends inside a private key block (its next chunk must be redacted as such)."""
     return text.endswith(OPEN_KEY)
+
+
+class LineRedactor:
+    """Redacts a log that arrives line by line: a key block spanning lines becomes one marker line."""
+
+    def __init__(self) -> None:
+        self._in_key = False
+
+    def __call__(self, line: str) -> str | None:
+        """The line to show, or None while inside a private key block."""
+        if self._in_key:
+            if re.search(_END, line):
+                self._in_key = False
+                rest = redact(line[re.search(_END, line).end() :])
+                return rest or None
+            return None
+        redacted = redact(line)
+        if ends_open(redacted):
+            self._in_key = True
+            return redacted.removesuffix(OPEN_KEY) + REDACTED_KEY
+        return redacted

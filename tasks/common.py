@@ -31,7 +31,7 @@ from clouds.base import (
 from kiln.recipe import Recipe
 from provenance import store
 from provenance.gitinfo import GitInfo
-from provenance.redact import redact
+from provenance.redact import LineRedactor, redact
 
 STAGES = ("fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register")
 
@@ -51,6 +51,7 @@ class BuildPlan:
     cloud: Cloud = field(repr=False)
     on_error: str = "cleanup"
     build_key: KeyPair | None = field(default=None, repr=False)
+    guests: list[Any] = field(default_factory=list, repr=False)  # tasks.launch.Guest, newest last
 
     @property
     def target(self) -> Any:
@@ -97,13 +98,16 @@ class StepLog:
         self._lock = threading.Lock()
         self._last_flush = time.monotonic()
         self.tail: list[str] = []
+        self._redact = LineRedactor()
         try:
             self._prefect = get_run_logger()
         except MissingContextError:
             self._prefect = log
 
     def __call__(self, line: str) -> None:
-        line = redact(line.rstrip("\n"))
+        line = self._redact(line.rstrip("\n"))
+        if line is None:
+            return
         with self._lock:
             self._pending.append(line)
             self.tail = (self.tail + [line])[-50:]

@@ -8,6 +8,8 @@ import yaml
 
 from clouds.base import TAG_ROLE, BaseImage, Instance, KeyPair
 from clouds.ssh import GuestSession
+from kiln import settings
+from provenance import store
 from tasks.common import BuildPlan, StepLog, ledgered, release_open, stage
 
 
@@ -69,7 +71,9 @@ def start_guest(plan: BuildPlan, base: BaseImage, role: str, step_log: StepLog) 
         release_open(plan, role=role)
         raise
     step_log(f"{role} instance {instance.instance_id} started from {base.image_id}")
-    return Guest(instance=instance, key=key, role=role)
+    guest = Guest(instance=instance, key=key, role=role)
+    plan.guests.append(guest)
+    return guest
 
 
 def release_guest(plan: BuildPlan, guest: Guest, step_log: StepLog) -> None:
@@ -81,6 +85,27 @@ def release_guest(plan: BuildPlan, guest: Guest, step_log: StepLog) -> None:
     if errors:
         raise RuntimeError(f"could not release the {guest.role} guest: " + "; ".join(errors))
     step_log(f"{guest.role} instance {guest.instance.instance_id} terminated")
+
+
+def keep_for_debugging(plan: BuildPlan) -> list[str]:
+    """--on-error abort: write each kept guest's key (0600, beside kiln's data) and say how to reach it."""
+    kept = {row.cloud_id for row in store.open_resources(plan.build_id) if row.kind == "instance"}
+    notes = []
+    for guest in plan.guests:
+        if guest.instance.instance_id not in kept:
+            continue
+        key_file = settings.data_dir() / "debug" / plan.build_id / f"{guest.role}_ed25519"
+        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_file.touch(mode=0o600)
+        key_file.write_text(guest.key.private_key)
+        host, port = plan.cloud.endpoint(guest.instance, 22)
+        notes.append(
+            f"{guest.role} guest {guest.instance.instance_id} kept: "
+            f"ssh -i {key_file} -p {port} -o StrictHostKeyChecking=no {guest.instance.ssh_user}@{host}"
+        )
+    if notes:
+        notes.append(f"clean up with: kiln cleanup {plan.build_id}")
+    return notes
 
 
 @stage("launch", retries=2, retry_delay_seconds=10)

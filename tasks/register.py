@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from clouds.base import TAG_ROLE, ImageRef
 from kiln import settings
 from provenance import store
-from tasks.common import BuildPlan, StepLog, hand_over, stage
+from tasks.common import BuildPlan, StepLog, hand_over, ledgered, stage
 from tasks.fetch_base import ResolvedBase
 from tasks.verify import Verification
 
@@ -115,17 +115,41 @@ def publish_artifacts(plan: BuildPlan, entry: dict) -> None:
     )
 
 
+def replicate(plan: BuildPlan, image: ImageRef, tags: dict[str, str], step_log: StepLog) -> list[ImageRef]:
+    """Copies in the target's other `regions` (each ledgered first) and launch permissions for `share_with`."""
+    copies = []
+    for region in getattr(plan.target, "regions", []):
+        if region == image.region:
+            continue
+        with ledgered(plan, kind="image", name=image.name, role="image", region=region) as created:
+            copy = plan.cloud.copy_image(image, region, tags)
+            created(copy.image_id)
+        step_log(f"copied {image.image_id} to {region} as {copy.image_id}")
+        copies.append(copy)
+    accounts = list(getattr(plan.target, "share_with", []))
+    if accounts:
+        for each in (image, *copies):
+            plan.cloud.share_image(each, accounts)
+        step_log(f"launch permission for {', '.join(accounts)} on {len(copies) + 1} image(s)")
+    return copies
+
+
 @stage("register")
 def register(
     plan: BuildPlan, base: ResolvedBase, image: ImageRef, verification: Verification, *, step_log: StepLog
 ) -> RegisteredImage:
     tags = {**plan.tags, TAG_ROLE: "image"}
     plan.cloud.tag_image(image, tags)
+    copies = replicate(plan, image, tags, step_log)
     row_id = record_image_rows(plan, base, image, tags)
+    for copy in copies:
+        store.record_image(cloud=copy.cloud, region=copy.region, image_id=copy.image_id, name=copy.name,
+                           build_id=plan.build_id, parent_id=base.row_id, kind="copy", tags=tags)  # fmt: skip
     store.record_packages(row_id, verification.packages)
     entry = catalog_entry(plan, base, image, verification)
     catalog = write_catalog(entry)
     publish_artifacts(plan, entry)
-    hand_over(plan, image.image_id)
+    for each in (image, *copies):
+        hand_over(plan, each.image_id)
     step_log(f"registered {image.image_id} (parent {base.image.image_id}); catalog entry {catalog}")
     return RegisteredImage(image.image_id, row_id, image.cloud, image.region, str(catalog))

@@ -65,7 +65,7 @@ REGISTRY: tuple[Operation, ...] = (
         "systemd makes a new one at first boot, so instances do not share DHCP client ids or journal ids.",
         lambda user: (
             "[ -s /etc/machine-id ] && echo /etc/machine-id; truncate -s 0 /etc/machine-id; "
-            "rm -fv /var/lib/dbus/machine-id 2>/dev/null | sed 's/^removed //'; true"
+            "[ -e /var/lib/dbus/machine-id ] && echo /var/lib/dbus/machine-id; rm -f /var/lib/dbus/machine-id; true"
         ),
     ),
     Operation(
@@ -98,8 +98,9 @@ REGISTRY: tuple[Operation, ...] = (
     Operation(
         "tmp-files",
         "Remove temporary files",
-        "Nothing in /tmp or /var/tmp survives into the image.",
-        _remove("/tmp/*", "/tmp/.[!.]*", "/var/tmp/*", "/var/tmp/.[!.]*"),
+        "Nothing in /tmp or /var/tmp survives into the image (running services' systemd-private directories "
+        "go at shutdown).",
+        lambda user: "find /tmp /var/tmp -mindepth 1 -maxdepth 1 ! -name 'systemd-private-*' -print -exec rm -rf {} +",
     ),
     Operation(
         "package-manager-cache",

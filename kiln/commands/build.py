@@ -52,10 +52,10 @@ class LiveStages:
             else:
                 cell[0], cell[2] = status, now
         if not self.live:
-            self.console.print(f"[{plan.target_name}] {stage}: {status}")
+            self.console.print(Text(f"[{plan.target_name}] {stage}: {status}"), soft_wrap=True)
 
     def line(self, plan, stage: str, line: str) -> None:  # noqa: ANN001
-        self.console.print(Text(f"[{plan.target_name}/{stage}] {line}"), highlight=False)
+        self.console.print(Text(f"[{plan.target_name}/{stage}] {line}"), highlight=False, soft_wrap=True)
 
     def __rich__(self) -> Table:
         table = Table(box=None, pad_edge=False)
@@ -75,6 +75,8 @@ class LiveStages:
 
 
 def register(app: typer.Typer) -> None:
+    register_cleanup(app)
+
     @app.command()
     def build(
         recipe: Path = typer.Argument(..., help="Recipe file (YAML)"),
@@ -114,6 +116,24 @@ def register(app: typer.Typer) -> None:
             LISTENERS.remove(listener)
         _report(results, as_json, on_error)
         raise typer.Exit(0 if all(r["status"] == "succeeded" for r in results) else 1)
+
+
+def register_cleanup(app: typer.Typer) -> None:
+    @app.command()
+    def cleanup(build_id: str = typer.Argument(..., help="Build ID (or a unique prefix)")) -> None:
+        """Release everything a build still holds (e.g. a guest kept by --on-error abort), newest first."""
+        from flows.build import BadInput, cleanup_build
+
+        try:
+            errors = cleanup_build(build_id)
+        except BadInput as exc:
+            err.print(str(exc))
+            raise typer.Exit(2) from None
+        for error in errors:
+            err.print(f"could not release {error}")
+        if errors:
+            raise typer.Exit(1)
+        Console().print(f"build {build_id}: nothing left")
 
 
 def _checked_targets(recipe: Path, requested: list[str]) -> list[str]:

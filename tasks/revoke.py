@@ -1,0 +1,132 @@
+"""Revocation: mark an image and its descendants in provenance, then flag them where users find images —
+the cloud itself (EC2 deprecation, Glance deactivation, the local image's meta.json) and kiln's catalog entry.
+
+A backend offers revocation through an optional method, `revoke_image(image: ImageRef, reason: str) -> None`;
+one without it is reported, not failed. Provenance is written first: it is what refuses a revoked base.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from clouds import open_cloud
+from clouds.base import ImageRef
+from kiln import settings
+from kiln.recipe import Target
+from provenance import lineage, store
+from provenance.store import RevokedImage
+from tasks.common import describe
+
+
+@dataclass
+class CloudAction:
+    """What happened on a cloud for one revoked image."""
+
+    image_id: str
+    cloud: str
+    region: str
+    outcome: str  # flagged | unsupported | skipped | failed
+    detail: str = ""
+
+
+@dataclass
+class Revocation:
+    """A revocation's record: the rows whose status changed and what each cloud did."""
+
+    image_id: str
+    reason: str
+    cascade: bool
+    changed: list[RevokedImage] = field(default_factory=list)
+    actions: list[CloudAction] = field(default_factory=list)
+
+    @property
+    def cloud_failures(self) -> list[CloudAction]:
+        return [action for action in self.actions if action.outcome == "failed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_id": self.image_id,
+            "reason": self.reason,
+            "cascade": self.cascade,
+            "changed": [row.__dict__ for row in self.changed],
+            "cloud_actions": [action.__dict__ for action in self.actions],
+        }
+
+
+def revoke(image_id: str, reason: str, *, cascade: bool = False) -> Revocation:
+    """Revoke the image kiln knows by this id or digest (lineage.UnknownImage if none), then act on the clouds."""
+    subject = lineage.resolve_image(image_id)
+    assert subject.id is not None
+    result = Revocation(image_id=subject.image_id, reason=reason, cascade=cascade)
+    result.changed = store.revoke_image(subject.id, reason, cascade=cascade)
+    for row in result.changed:
+        flag_catalog_entry(row)
+        if row.status == "revoked":
+            result.actions.append(act_on_cloud(row))
+    return result
+
+
+def act_on_cloud(row: RevokedImage) -> CloudAction:
+    """Ask the image's cloud to flag it revoked, when the backend can."""
+    action = CloudAction(row.image_id, row.cloud, row.region, "skipped")
+    if row.kind == "copy" and not _is_cloud_object(row):
+        action.detail = "another file form of the same local image: flagged with it"
+        return action
+    if row.kind == "base" and not _is_cloud_object(row):
+        action.detail = "a base file in kiln's cache, not a cloud image"
+        return action
+    try:
+        cloud = _open_cloud_of(row)
+    except Exception as exc:  # credentials or endpoint missing: provenance is revoked all the same
+        action.outcome, action.detail = "failed", f"could not open {row.cloud}: {describe(exc)}"
+        return action
+    revoke_on_cloud = getattr(cloud, "revoke_image", None) if cloud is not None else None
+    if revoke_on_cloud is None:
+        action.outcome = "unsupported"
+        action.detail = f"the {row.cloud} backend offers no revocation; revoked in provenance only"
+        return action
+    try:
+        revoke_on_cloud(ImageRef(cloud=row.cloud, image_id=row.image_id, name=row.name, region=row.region), row.reason)
+    except Exception as exc:
+        action.outcome, action.detail = "failed", describe(exc)
+        return action
+    action.outcome = "flagged"
+    return action
+
+
+def flag_catalog_entry(row: RevokedImage) -> None:
+    """Mark kiln's catalog entry for the image (written by register), if it has one."""
+    path = settings.data_dir() / "catalog" / f"{row.image_id}.json"
+    if not path.is_file():
+        return
+    entry = json.loads(path.read_text())
+    entry["status"] = row.status
+    entry["revoked"] = {"reason": row.reason, "at": dt.datetime.now(dt.UTC).isoformat()}
+    path.write_text(json.dumps(entry, indent=2) + "\n")
+
+
+def _is_cloud_object(row: RevokedImage) -> bool:
+    """A cloud image id (AMI, Glance uuid, img-…), not a file path or a file form like img-….raw."""
+    if row.cloud == "local":
+        return row.image_id.startswith("img-") and "." not in row.image_id
+    return not row.image_id.startswith("/")
+
+
+def _open_cloud_of(row: RevokedImage) -> Any:
+    """The backend the image's build used (its recipe target), or the default local cloud for a local image."""
+    build = lineage.get_build(row.build_id) if row.build_id else None
+    if build is not None:
+        targets = json.loads(build.recipe.recipe_json).get("targets", {})
+        spec = targets.get(build.build.target)
+        if spec is not None:
+            return open_cloud(TypeAdapter(Target).validate_python(spec))
+    if row.cloud == "local":
+        from clouds.local import LocalCloud
+
+        return LocalCloud()
+    return None

@@ -1,0 +1,151 @@
+"""The stage machinery without VMs: StepRun rows, the ledger discipline, sanitize's registry, user-data, nightly."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.logging import disable_run_logger
+
+from clouds.base import KeyPair, Resource
+from flows.nightly import decide
+from kiln.recipe import SANITIZE_OPERATIONS, load_recipe
+from kiln.settings import KILN_VERSION
+from provenance import gitinfo, lineage, store
+from tasks.common import BuildPlan, ledgered, release_open, stage
+from tasks.launch import user_data
+from tasks.sanitize import REGISTRY, operations
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RecordingCloud:
+    """Only what the ledger needs of a cloud: it remembers what it was asked to release."""
+
+    name: str = "local"
+    released: list[Resource] = field(default_factory=list)
+
+    def release(self, resource: Resource) -> None:
+        self.released.append(resource)
+
+
+def new_plan(cloud=None, recipe_path: Path = REPO / "recipes/hello.yaml") -> BuildPlan:
+    recipe = load_recipe(recipe_path)
+    git = gitinfo.capture(recipe.path, recipe.referenced_files())
+    version_id = store.record_recipe_version(
+        name=recipe.name, version=recipe.version, fingerprint=recipe.fingerprint(), recipe_json="{}", git=git
+    )
+    build_id = store.start_build(recipe_version_id=version_id, target="local", cloud="local", trigger="test")
+    return BuildPlan(build_id=build_id, recipe=recipe, target_name="local", git=git,
+                     recipe_version_id=version_id, cloud=cloud or RecordingCloud())
+
+
+@stage("customize")
+def _failing_stage(plan: BuildPlan, *, step_log) -> None:
+    step_log("first line of output")
+    raise RuntimeError("script setup.sh failed with exit code 7")
+
+
+@stage("sanitize")
+def _good_stage(plan: BuildPlan, value: int, *, step_log) -> int:
+    step_log(f"value {value}")
+    return value * 2
+
+
+def test_a_stage_records_its_step_run_with_log_and_status():
+    plan = new_plan()
+    with disable_run_logger():
+        assert _good_stage.fn(plan, 21) == 42
+        with pytest.raises(RuntimeError, match="exit code 7"):
+            _failing_stage.fn(plan)
+    steps = lineage.get_build(plan.build_id).steps
+    assert [(s.stage, s.status) for s in steps] == [("sanitize", "succeeded"), ("customize", "failed")]
+    assert "value 21" in steps[0].log and "first line of output" in steps[1].log
+    assert "exit code 7" in steps[1].error
+    assert lineage.get_build(plan.build_id).build.stage == "customize"
+
+
+def test_stage_log_redacts_a_private_key_before_it_reaches_the_database():
+    plan = new_plan()
+    key = KeyPair.generate("leak-test")
+
+    @stage("customize")
+    def leaky(plan: BuildPlan, *, step_log) -> None:
+        for line in key.private_key.splitlines():
+            step_log(line)
+
+    with disable_run_logger():
+        leaky.fn(plan)
+    log = lineage.get_build(plan.build_id).steps[0].log
+    body = key.private_key.splitlines()[1]
+    assert body not in log
+
+
+def test_ledger_row_is_written_before_the_call_and_released_when_the_body_fails():
+    cloud = RecordingCloud()
+    plan = new_plan(cloud)
+    with pytest.raises(OSError), ledgered(plan, kind="instance", name="vm") as created:
+        [row] = store.open_resources(plan.build_id)  # the intent exists before anything is created
+        assert row.cloud_id is None
+        created("i-0123456789ab")
+        raise OSError("boot disk vanished")
+    assert [r.resource_id for r in cloud.released] == ["i-0123456789ab"]
+    assert store.open_resources(plan.build_id) == []
+
+
+def test_release_open_undoes_newest_first_and_keeps_other_roles():
+    cloud = RecordingCloud()
+    plan = new_plan(cloud)
+    for kind, cloud_id, role in [("keypair", "k-1", "build"), ("instance", "i-1", "build"), ("image", "img-1", "image")]:
+        with ledgered(plan, kind=kind, name=cloud_id, role=role) as created:
+            created(cloud_id)
+    assert release_open(plan, role="build") == []
+    assert [r.resource_id for r in cloud.released] == ["i-1", "k-1"]
+    assert [r.cloud_id for r in store.open_resources(plan.build_id)] == ["img-1"]
+
+
+def test_sanitize_registry_is_the_recipe_vocabulary_each_documented():
+    assert tuple(op.name for op in REGISTRY) == SANITIZE_OPERATIONS
+    assert all(op.heading and op.description for op in REGISTRY)
+    assert [op.name for op in operations(["machine-id", "ssh-hostkeys"])] == ["machine-id", "ssh-hostkeys"]
+    assert "debian" in next(op for op in REGISTRY if op.name == "ssh-userdir").script("debian")
+
+
+def test_user_data_creates_the_ssh_user_with_only_the_public_key():
+    key = KeyPair.generate("ud")
+    text = user_data("debian", key)
+    assert text.startswith("#cloud-config\n")
+    config = yaml.safe_load(text)
+    [user] = config["users"]
+    assert user["name"] == "debian" and user["ssh_authorized_keys"] == [key.public_key]
+    assert config["ssh_pwauth"] is False and "PRIVATE" not in text
+
+
+def _record_good_build(plan: BuildPlan, base_digest: str) -> None:
+    base = store.record_image(cloud="local", image_id="/cache/base.qcow2", sha256=base_digest, kind="base")
+    store.record_image(cloud="local", image_id=f"img-{plan.short_id}abcd", build_id=plan.build_id, parent_id=base,
+                       sha256="b" * 64)
+    store.finish_build(plan.build_id, "succeeded")
+
+
+def test_nightly_skips_what_is_up_to_date_and_rebuilds_what_changed():
+    plan = new_plan()
+    _record_good_build(plan, "sha256:" + "1" * 64)
+    recipe = plan.recipe
+
+    same = decide(recipe, "local", "sha256:" + "1" * 64)
+    assert same.action == "skip" and plan.short_id in same.reason
+    assert decide(recipe, "local", "sha256:" + "2" * 64).action == "rebuild"  # the base moved
+    assert decide(recipe, "local", "sha256:" + "1" * 64, kiln_version=KILN_VERSION + ".1").action == "rebuild"
+    assert decide(recipe, "other-target", "sha256:" + "1" * 64).action == "rebuild"
+
+
+def test_nightly_rebuilds_when_the_only_build_failed(tmp_path):
+    plan = new_plan(recipe_path=REPO / "recipes/dstat.yaml")
+    store.finish_build(plan.build_id, "failed", error="boom")
+    assert decide(plan.recipe, "local", "sha256:" + "3" * 64).action == "rebuild"
+    assert json.loads(json.dumps(decide(plan.recipe, "local", "x").__dict__))["action"] == "rebuild"
