@@ -1,5 +1,6 @@
-"""Queries over the provenance database: builds with their steps, probes and images, and images with the
-recipe version, commit and parent they came from. Read-only; store.py is the writer."""
+"""Queries over the provenance database: builds with their steps, probes and images, images with the recipe
+version, commit and parent they came from, and the image graph (ancestors, descendants, siblings) by recursive
+SQL. Read-only; store.py is the writer."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select
+from sqlalchemy import ColumnElement, Select, or_
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, SQLModel, select
 
 from provenance import store
+from provenance.graph import ancestors_cte, descendants_cte
 from provenance.models import Build, Image, Probe, RecipeVersion, StepRun
 
 
@@ -229,3 +231,181 @@ def equivalent_build(*, fingerprint: str, target: str, base_digest: str, kiln_ve
     with _session() as session:
         row = session.exec(query).first()
         return EquivalentBuild(*row) if row else None
+
+
+# ------------------------------------------------------------------------------------- the image graph
+
+
+class UnknownImage(LookupError):
+    """No image row has this cloud image id or file digest."""
+
+
+KIND_PREFERENCE = {"built": 0, "published": 1, "copy": 2, "base": 3}
+
+
+@dataclass(frozen=True)
+class LineageNode:
+    """An image in the graph, with the build and recipe version that made it (None for a base kiln did not build).
+
+    depth: 0 for the image asked about, 1 for its parent (up) or children (down), and so on.
+    """
+
+    image: Image
+    depth: int
+    parent_row_id: int | None
+    build: Build | None
+    recipe: RecipeVersion | None
+
+    def to_dict(self) -> dict[str, Any]:
+        image = self.image
+        return {
+            "image_id": image.image_id,
+            "row_id": image.id,
+            "cloud": image.cloud,
+            "region": image.region,
+            "kind": image.kind,
+            "status": image.status,
+            "revoked_reason": image.revoked_reason,
+            "name": image.name,
+            "format": image.format,
+            "size": image.size,
+            "sha256": image.sha256,
+            "path": image.path,
+            "created": image.created.isoformat(),
+            "depth": self.depth,
+            "parent_row_id": self.parent_row_id,
+            "build": None if self.build is None else {
+                key: _row_dict(self.build)[key]
+                for key in ("id", "target", "cloud", "region", "trigger", "status", "started", "finished",
+                            "kiln_version")
+            },
+            "recipe": None if self.recipe is None else {
+                key: _row_dict(self.recipe)[key]
+                for key in ("name", "version", "fingerprint", "repo", "commit", "branch", "dirty", "path")
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """An image with what it descends from (nearest first), what descends from it, and its siblings."""
+
+    subject: LineageNode
+    ancestors: list[LineageNode] | None  # None: not asked for
+    descendants: list[LineageNode] | None
+    siblings: list[LineageNode] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        subject = self.subject.to_dict()
+        data: dict[str, Any] = {
+            "image": subject,
+            "build": subject["build"],
+            "recipe": subject["recipe"],
+        }
+        if self.ancestors is not None:
+            data["base"] = self.ancestors[0].to_dict() if self.ancestors else None
+            data["ancestors"] = [node.to_dict() for node in self.ancestors]
+        if self.descendants is not None:
+            data["children"] = [node.image.image_id for node in self.descendants if node.depth == 1]
+            data["descendants"] = [node.to_dict() for node in self.descendants]
+        if self.siblings is not None:
+            data["siblings"] = [node.to_dict() for node in self.siblings]
+        return data
+
+
+def resolve_image(image_id: str) -> Image:
+    """The image row a user means by a cloud image id or a file sha256: an exact id before a digest, a built
+    image before a copy or a base, the newest first. UnknownImage when kiln has none."""
+    query = select(Image).where((Image.image_id == image_id) | (Image.sha256 == image_id.lower()))
+    with _session() as session:
+        rows = session.exec(query).all()
+    if not rows:
+        raise UnknownImage(f"no image {image_id!r} in the provenance database (see `kiln images`)")
+    return min(
+        rows,
+        key=lambda row: (row.image_id != image_id, KIND_PREFERENCE.get(row.kind, 9), -row.created.timestamp(),
+                         -(row.id or 0)),
+    )
+
+
+def lineage(image_id: str, *, up: bool = True, down: bool = True, siblings: bool = True) -> Lineage:
+    """The lineage of an image kiln knows (by cloud id or digest): each direction is one recursive query."""
+    image = resolve_image(image_id)
+    assert image.id is not None
+    with _session() as session:
+        subject = _node_of(session, image)
+        return Lineage(
+            subject=subject,
+            ancestors=_ancestors(session, image.id) if up else None,
+            descendants=_descendants(session, image.id) if down else None,
+            siblings=_siblings(session, image) if siblings else None,
+        )
+
+
+def ancestors(image_row_id: int) -> list[LineageNode]:
+    """The image's parent, its parent's parent, … to the root (nearest first)."""
+    with _session() as session:
+        return _ancestors(session, image_row_id)
+
+
+def descendants(image_row_id: int) -> list[LineageNode]:
+    """Every image built (or copied) from this one, at any depth, by depth then age."""
+    with _session() as session:
+        return _descendants(session, image_row_id)
+
+
+def siblings(image_row_id: int) -> list[LineageNode]:
+    """Images of the same recipe version (other targets, regions, formats, copies) or of the same bits."""
+    with _session() as session:
+        image = session.get(Image, image_row_id)
+        if image is None:
+            raise UnknownImage(f"no image row {image_row_id}")
+        return _siblings(session, image)
+
+
+def _graph_query(cte) -> Select:  # noqa: ANN001 - a recursive CTE from provenance.graph
+    return (
+        select(Image, Build, RecipeVersion, cte.c.depth)
+        .join(cte, Image.id == cte.c.id)
+        .outerjoin(Build, Image.build_id == Build.id)
+        .outerjoin(RecipeVersion, Build.recipe_version_id == RecipeVersion.id)
+        .where(cte.c.depth > 0)
+        .order_by(cte.c.depth, Image.id)
+    )
+
+
+def _nodes(rows: Any) -> list[LineageNode]:
+    return [LineageNode(image, depth, image.parent_id, build, recipe) for image, build, recipe, depth in rows]
+
+
+def _ancestors(session: Session, image_row_id: int) -> list[LineageNode]:
+    return _nodes(session.exec(_graph_query(ancestors_cte(image_row_id))).all())
+
+
+def _descendants(session: Session, image_row_id: int) -> list[LineageNode]:
+    return _nodes(session.exec(_graph_query(descendants_cte(image_row_id))).all())
+
+
+def _siblings(session: Session, image: Image) -> list[LineageNode]:
+    same: list[ColumnElement[bool]] = []
+    if image.build_id is not None:
+        recipe_version = select(Build.recipe_version_id).where(Build.id == image.build_id).scalar_subquery()
+        same.append(Build.recipe_version_id == recipe_version)
+    if image.sha256:
+        same.append(Image.sha256 == image.sha256)
+    if not same:
+        return []
+    query = (
+        select(Image, Build, RecipeVersion)
+        .outerjoin(Build, Image.build_id == Build.id)
+        .outerjoin(RecipeVersion, Build.recipe_version_id == RecipeVersion.id)
+        .where(or_(*same), Image.id != image.id)
+        .order_by(Image.created, Image.id)
+    )
+    return [LineageNode(row, 0, row.parent_id, build, recipe) for row, build, recipe in session.exec(query).all()]
+
+
+def _node_of(session: Session, image: Image) -> LineageNode:
+    build = session.get(Build, image.build_id) if image.build_id else None
+    recipe = session.get(RecipeVersion, build.recipe_version_id) if build else None
+    return LineageNode(image, 0, image.parent_id, build, recipe)

@@ -5,7 +5,8 @@ packages, and the resource ledger. Alembic (provenance/migrations) owns the tabl
                          │ 1──* Probe
                          │ 1──* Resource      (the ledger: intent before the cloud call, released after)
                          └ 1──* Image 1──* Package
-                                  └──* Image  (parent_id: a built image's base, a copy's source)
+                                  ├──* Image  (parent_id: a built image's base, a copy's source)
+                                  └──* Audit  (a rebuild from the recorded commit, compared with the image)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ STEP_STATUSES = ("running", "succeeded", "failed", "cancelled", "skipped", "inte
 TRIGGERS = ("cli", "ui", "schedule", "audit", "test")
 IMAGE_KINDS = ("base", "built", "copy", "published")
 IMAGE_STATUSES = ("available", "revoked", "deleted", "parent-revoked")
+AUDIT_STATUSES = ("running", "passed", "differs", "failed")
 RESOURCE_KINDS = (
     "instance", "keypair", "security-group", "image", "snapshot", "floating-ip", "file", "process", "volume",
 )
@@ -172,3 +174,26 @@ class Resource(SQLModel, table=True):
     created: dt.datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)  # when the intent was written
     released: dt.datetime | None = Field(default=None, sa_type=UtcDateTime, index=True)
     release_error: str | None = Field(default=None, sa_type=Text)  # last failed release attempt
+
+
+class Audit(SQLModel, table=True):
+    """A repeatability audit: the image rebuilt from its recorded commit, packages and files compared."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    image_row_id: int = Field(foreign_key="image.id", index=True)  # the audited image
+    rebuild_id: str | None = Field(default=None, foreign_key="build.id", index=True)  # the audit's own build
+    rebuild_image_row_id: int | None = Field(default=None, foreign_key="image.id")
+    commit: str | None = None
+    fingerprint: str  # recorded with the audited image's recipe version
+    fingerprint_found: str | None = None  # computed from the checked-out commit
+    status: str = "running"  # AUDIT_STATUSES: passed = identity at or above the threshold
+    threshold: float = 99.0  # percent of identical files required to pass
+    files_compared: int = 0
+    files_identical: int = 0
+    identity: float | None = None  # percent of identical files
+    packages_json: str = Field(default="{}", sa_type=Text)  # added / removed / changed
+    files_json: str = Field(default="{}", sa_type=Text)  # only_original / only_rebuild / changed (capped lists)
+    excluded_json: str = Field(default="[]", sa_type=Text)  # the path patterns left out of the comparison
+    error: str | None = Field(default=None, sa_type=Text)
+    started: dt.datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    finished: dt.datetime | None = Field(default=None, sa_type=UtcDateTime)

@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,13 +28,16 @@ from sqlmodel import Session, SQLModel, select, update
 
 from kiln.settings import KILN_VERSION, database_url
 from provenance.gitinfo import GitInfo
+from provenance.graph import descendants_cte
 from provenance.models import (
+    AUDIT_STATUSES,
     BUILD_STATUSES,
     IMAGE_KINDS,
     IMAGE_STATUSES,
     RESOURCE_KINDS,
     STEP_STATUSES,
     TRIGGERS,
+    Audit,
     Build,
     Image,
     Package,
@@ -534,3 +538,114 @@ def record_packages(image_row_id: int, packages: list[tuple[str, str, str]]) -> 
     rows = [{"image_id": image_row_id, "name": n, "version": v, "arch": a} for n, v, a in packages]
     with _writing() as session:
         session.exec(insert(Package), params=rows)
+
+
+# ----------------------------------------------------------------------------------------------- revocation
+
+
+@dataclass(frozen=True)
+class RevokedImage:
+    """An image row whose status a revocation changed."""
+
+    row_id: int
+    cloud: str
+    region: str
+    image_id: str
+    name: str
+    kind: str
+    build_id: str | None
+    status: str  # revoked | parent-revoked
+    reason: str
+
+
+def revoke_image(image_row_id: int, reason: str, *, cascade: bool = False) -> list[RevokedImage]:
+    """Revoke an image, in one transaction, with every row of the same bits (the other formats and copies its
+    build made); everything built on it, at any depth, becomes parent-revoked (revoked with `cascade`).
+
+    A descendant already revoked or deleted keeps its status. Returns the rows changed, the image's own first.
+    """
+    if not reason.strip():
+        raise ValueError("a revocation needs a reason")
+    with _writing() as session:
+        subject = _get(session, Image, image_row_id)
+        same_bits = [subject]
+        if subject.build_id is not None and subject.kind != "base":
+            same_bits += session.exec(
+                select(Image).where(Image.build_id == subject.build_id, Image.id != subject.id).order_by(Image.id)
+            ).all()
+        tree = descendants_cte([image.id for image in same_bits if image.id is not None])
+        below = session.exec(
+            select(Image).join(tree, Image.id == tree.c.id).where(tree.c.depth > 0).order_by(tree.c.depth, Image.id)
+        ).all()
+        changed: list[RevokedImage] = []
+        own_ids = {image.id for image in same_bits}
+        for image in same_bits:
+            changed.append(_set_revoked(session, image, "revoked", reason))
+        inherited = f"{subject.image_id} was revoked: {reason}"
+        for image in below:
+            if image.id in own_ids or image.status in ("revoked", "deleted"):
+                continue
+            own_ids.add(image.id)
+            changed.append(_set_revoked(session, image, "revoked" if cascade else "parent-revoked", inherited))
+        return changed
+
+
+def _set_revoked(session: Session, image: Image, status: str, reason: str) -> RevokedImage:
+    image.status = status
+    image.revoked_reason = reason
+    session.add(image)
+    assert image.id is not None
+    return RevokedImage(image.id, image.cloud, image.region, image.image_id, image.name, image.kind, image.build_id,
+                        status, reason)
+
+
+# ---------------------------------------------------------------------------------------------------- audits
+
+
+def start_audit(image_row_id: int, *, fingerprint: str, commit: str | None, threshold: float) -> int:
+    """A running repeatability audit of one image; returns its row id."""
+    audit = Audit(image_row_id=image_row_id, fingerprint=fingerprint, commit=commit, threshold=threshold)
+    with _writing() as session:
+        session.add(audit)
+        session.flush()
+        assert audit.id is not None
+        return audit.id
+
+
+def set_audit_rebuild(audit_id: int, *, rebuild_id: str | None, rebuild_image_row_id: int | None = None) -> None:
+    """Link an audit to the build that rebuilt the image and, once registered, the image it made."""
+    with _writing() as session:
+        audit = _get(session, Audit, audit_id)
+        audit.rebuild_id = rebuild_id
+        audit.rebuild_image_row_id = rebuild_image_row_id
+        session.add(audit)
+
+
+def finish_audit(
+    audit_id: int,
+    status: str,
+    *,
+    fingerprint_found: str | None = None,
+    files_compared: int = 0,
+    files_identical: int = 0,
+    identity: float | None = None,
+    packages: dict | None = None,
+    files: dict | None = None,
+    excluded: list[str] | None = None,
+    error: str | None = None,
+) -> None:
+    """Record how an audit ended: the comparison's figures and differences, or the error that stopped it."""
+    _check(status, AUDIT_STATUSES, "audit status")
+    with _writing() as session:
+        audit = _get(session, Audit, audit_id)
+        audit.status = status
+        audit.finished = utcnow() if status != "running" else None
+        audit.fingerprint_found = fingerprint_found
+        audit.files_compared = files_compared
+        audit.files_identical = files_identical
+        audit.identity = identity
+        audit.packages_json = _json(packages)
+        audit.files_json = _json(files)
+        audit.excluded_json = json.dumps(excluded or [])
+        audit.error = redact(error) if error is not None else None
+        session.add(audit)
