@@ -1,0 +1,427 @@
+"""The EC2 backend against moto's server on loopback: every API path for real (VM Import alone stubbed)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import time
+import uuid
+from types import SimpleNamespace
+
+import botocore.exceptions
+import pytest
+from botocore.stub import ANY, Stubber
+
+from clouds import open_cloud
+from clouds.base import TAG_BUILD, TAG_ROLE, BaseImage, CloudError, ImageRef, KeyPair, Resource
+from clouds.ec2 import EC2Cloud, decode_console, publish_disk
+from kiln.recipe import BaseSpec, EC2Target, Timeouts
+from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
+
+REGION, OTHER = "us-east-1", "eu-west-1"
+TAGS = {TAG_BUILD: "0123456789abcdef", "kiln:recipe": "hello", TAG_ROLE: "build"}
+CIDR = "203.0.113.0/24"
+
+
+@pytest.fixture
+def ec2(moto: str) -> EC2Cloud:  # noqa: F811 - the fixture imported above
+    return EC2Cloud(REGION, endpoint_url=moto, ssh_cidr=CIDR, regions=[OTHER], poll_seconds=0.2)
+
+
+@pytest.fixture
+def base(ec2: EC2Cloud) -> BaseImage:
+    return ec2.resolve_base(BaseSpec(ssm_parameter=SSM_AL2023), "ec2-user")
+
+
+def launched(ec2: EC2Cloud, base: BaseImage, role: str = "build"):
+    name = f"kiln-01234567-{role}-{uuid.uuid4().hex[:6]}"
+    key = KeyPair.generate(name)
+    ec2.import_key(key, TAGS)
+    group = ec2.open_ports(name, [22, 80], TAGS)
+    return key, group, ec2.launch(base, key, "#cloud-config\n", TAGS, [22, 80], role=role, firewall=group)
+
+
+def built_image(ec2: EC2Cloud, base: BaseImage, name: str = "hello-1.0.0-01234567") -> ImageRef:
+    _, _, instance = launched(ec2, base)
+    ec2.stop(instance, timeout=30)
+    return ec2.snapshot(instance, name, TAGS, ["qcow2"])
+
+
+def kinds(resources: list[Resource]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for resource in resources:
+        counts[resource.kind] = counts.get(resource.kind, 0) + 1
+    return counts
+
+
+def release_all(ec2: EC2Cloud) -> None:
+    for resource in ec2.owned():
+        ec2.release(resource)
+
+
+# -- base images ------------------------------------------------------------------------------------------
+
+
+def test_base_by_ssm_parameter_is_the_ami_it_names_with_its_creation_date_as_digest(ec2):
+    value = ec2.client("ssm").get_parameter(Name=SSM_AL2023)["Parameter"]["Value"]
+
+    base = ec2.resolve_base(BaseSpec(ssm_parameter=SSM_AL2023), "ec2-user")
+
+    described = ec2.ec2().describe_images(ImageIds=[value])["Images"][0]
+    assert base.image_id == value and base.cloud == "ec2" and base.region == REGION
+    assert base.digest == f"{value}@{described['CreationDate']}" and base.ssh_user == "ec2-user"
+    assert base.details["origin"] == {"ssm_parameter": SSM_AL2023}
+
+
+def test_base_by_id_and_by_name_with_owners_where_the_newest_wins(ec2, base):
+    older = built_image(ec2, base, "golden-2024-01")
+    time.sleep(1.1)  # creation dates have one-second resolution
+    newer = built_image(ec2, base, "golden-2024-02")
+
+    by_name = ec2.resolve_base(BaseSpec(name="golden-*", owners=["self"]), "admin")
+    by_id = ec2.resolve_base(BaseSpec(image=older.image_id), "admin")
+
+    assert by_name.image_id == newer.image_id and by_name.name == "golden-2024-02"
+    assert by_id.image_id == older.image_id and by_id.digest.startswith(f"{older.image_id}@")
+    with pytest.raises(CloudError, match="no available AMI named 'golden-\\*' owned by 999988887777"):
+        ec2.resolve_base(BaseSpec(name="golden-*", owners=["999988887777"]), "admin")
+
+
+def test_unknown_base_ami_and_bad_ssm_parameter_fail_with_the_name(ec2):
+    with pytest.raises(CloudError, match="ami-0123456789abcdef0"):
+        ec2.resolve_base(BaseSpec(image="ami-0123456789abcdef0"), "admin")
+    with pytest.raises(CloudError, match="/no/such/parameter"):
+        ec2.resolve_base(BaseSpec(ssm_parameter="/no/such/parameter"), "admin")
+
+
+# -- key pairs, security groups, instances ----------------------------------------------------------------------
+
+
+def test_imported_key_pair_is_tagged_and_holds_only_the_public_half(ec2):
+    key = KeyPair.generate("kiln-01234567-build")
+
+    key_id = ec2.import_key(key, TAGS)
+
+    [pair] = ec2.ec2().describe_key_pairs(KeyNames=[key.name], IncludePublicKey=True)["KeyPairs"]
+    assert pair["KeyPairId"] == key_id
+    assert {t["Key"]: t["Value"] for t in pair["Tags"]} == {**TAGS, "Name": key.name}
+    assert "PRIVATE" not in str(pair)
+    ec2.release(Resource("ec2", "keypair", key_id, region=REGION))
+    ec2.release(Resource("ec2", "keypair", key_id, region=REGION))  # idempotent
+    assert ec2.ec2().describe_key_pairs()["KeyPairs"] == []
+
+
+def test_moto_rejects_key_material_that_is_not_a_public_key(ec2):
+    bad = KeyPair(name="kiln-bad", public_key="ssh-ed25519 not-base64 kiln-bad", private_key="")
+    with pytest.raises(botocore.exceptions.ClientError, match="InvalidKeyPair.Format"):
+        ec2.import_key(bad, TAGS)
+
+
+def test_security_group_opens_ssh_and_probe_ports_only_to_the_builders_cidr(ec2):
+    group_id = ec2.open_ports("kiln-01234567-build", [22, 8080], TAGS)
+
+    [group] = ec2.ec2().describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    rules = sorted((p["FromPort"], p["ToPort"], [r["CidrIp"] for r in p["IpRanges"]]) for p in group["IpPermissions"])
+    assert rules == [(22, 22, [CIDR]), (8080, 8080, [CIDR])]
+    assert {t["Key"]: t["Value"] for t in group["Tags"]}[TAG_BUILD] == TAGS[TAG_BUILD]
+
+
+def test_without_ssh_cidr_a_private_build_admits_its_vpc_and_a_public_one_warns(moto, caplog):  # noqa: F811
+    private = EC2Cloud(REGION, endpoint_url=moto, ssh_interface="private", poll_seconds=0.2)
+    group_id = private.open_ports("kiln-private", [22], TAGS)
+    [vpc] = private.ec2().describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+    [group] = private.ec2().describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    assert group["IpPermissions"][0]["IpRanges"][0]["CidrIp"] == vpc["CidrBlock"]
+
+    public = EC2Cloud(REGION, endpoint_url=moto, poll_seconds=0.2)
+    with caplog.at_level(logging.WARNING, logger="clouds.ec2"):
+        group_id = public.open_ports("kiln-public", [22], TAGS)
+    [group] = public.ec2().describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    assert group["IpPermissions"][0]["IpRanges"][0]["CidrIp"] == "0.0.0.0/0"
+    assert "has no ssh_cidr" in caplog.text
+
+
+def refuse(ec2: EC2Cloud, operation: str, code: str, region: str = REGION) -> None:
+    """Make EC2 answer one operation with an error, as AWS does when it refuses (moto would accept)."""
+    ec2.ec2(region).meta.events.register(
+        f"before-call.ec2.{operation}",
+        lambda **_: (SimpleNamespace(status_code=400), {"Error": {"Code": code, "Message": f"{operation} refused"}}),
+    )
+
+
+def test_a_failed_ingress_rule_deletes_the_group_it_was_meant_for(ec2):
+    refuse(ec2, "AuthorizeSecurityGroupIngress", "RulesPerSecurityGroupLimitExceeded")
+    with pytest.raises(botocore.exceptions.ClientError, match="RulesPerSecurityGroupLimitExceeded"):
+        ec2.open_ports("kiln-01234567-build", [22], TAGS)
+    assert ec2.owned() == []
+
+
+def test_launch_tags_instance_and_volume_and_passes_key_user_data_and_group(ec2, base):
+    key, group, instance = launched(ec2, base)
+
+    described = ec2.ec2().describe_instances(InstanceIds=[instance.instance_id])["Reservations"][0]["Instances"][0]
+    assert described["State"]["Name"] == "running" and described["KeyName"] == key.name
+    assert described["InstanceType"] == "t3.small" and described["ImageId"] == base.image_id
+    assert [g["GroupId"] for g in described["SecurityGroups"]] == [group]
+    assert {t["Key"]: t["Value"] for t in described["Tags"]}[TAG_BUILD] == TAGS[TAG_BUILD]
+    user_data = ec2.ec2().describe_instance_attribute(InstanceId=instance.instance_id, Attribute="userData")
+    assert base64.b64decode(user_data["UserData"]["Value"]).decode() == "#cloud-config\n"
+    volumes = ec2.ec2().describe_volumes(Filters=[{"Name": "attachment.instance-id",
+                                                   "Values": [instance.instance_id]}])["Volumes"]  # fmt: skip
+    assert volumes and all({t["Key"]: t["Value"] for t in v["Tags"]}[TAG_BUILD] == TAGS[TAG_BUILD] for v in volumes)
+    assert ec2.endpoint(instance, 22) == (described["PublicIpAddress"], 22)
+    assert instance.ssh_user == "ec2-user" and instance.details["region"] == REGION
+
+
+def test_subnet_and_private_interface_reach_ssh_on_the_private_address(moto, base):  # noqa: F811
+    probe = EC2Cloud(REGION, endpoint_url=moto)
+    vpc = probe.ec2().create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
+    subnet = probe.ec2().create_subnet(VpcId=vpc, CidrBlock="10.20.1.0/24")["Subnet"]["SubnetId"]
+    ec2 = EC2Cloud(REGION, endpoint_url=moto, subnet_id=subnet, ssh_interface="private", poll_seconds=0.2)
+
+    _, group, instance = launched(ec2, base)
+
+    described = ec2.ec2().describe_instances(InstanceIds=[instance.instance_id])["Reservations"][0]["Instances"][0]
+    assert described["SubnetId"] == subnet and described["VpcId"] == vpc
+    assert ec2.ec2().describe_security_groups(GroupIds=[group])["SecurityGroups"][0]["VpcId"] == vpc
+    host, port = ec2.endpoint(instance, 22)
+    assert host == described["PrivateIpAddress"] and host.startswith("10.20.1.") and port == 22
+    [rule] = ec2.ec2().describe_security_groups(GroupIds=[group])["SecurityGroups"][0]["IpPermissions"][:1]
+    assert rule["IpRanges"][0]["CidrIp"] == "10.20.0.0/16"
+
+
+def test_console_output_is_decoded_whether_base64_or_text(ec2, base):
+    _, _, instance = launched(ec2, base)
+    assert "Linux version" in ec2.console(instance)  # moto sends base64, as EC2 does
+    text = "ec2: SHA256:abc ed25519 host key\nlogin: "
+    assert decode_console(base64.b64encode(text.encode()).decode()) == text
+    assert decode_console(text) == text
+    assert decode_console(None) == ""
+
+
+# -- stop, snapshot, copies, sharing, deletion ----------------------------------------------------------------------
+
+
+def test_snapshot_stops_then_makes_a_tagged_ami_whose_snapshots_are_tagged(ec2, base):
+    _, _, instance = launched(ec2, base)
+    with pytest.raises(CloudError, match="stop it before the snapshot"):
+        ec2.snapshot(instance, "too-early", TAGS, [])
+
+    stopped = ec2.stop(instance, timeout=30)
+    image = ec2.snapshot(instance, "hello-1.0.0-01234567", TAGS, ["qcow2"])
+
+    assert stopped.forced is False
+    [described] = ec2.ec2().describe_images(ImageIds=[image.image_id])["Images"]
+    assert described["State"] == "available" and described["Name"] == "hello-1.0.0-01234567"
+    assert {t["Key"]: t["Value"] for t in described["Tags"]} == {**TAGS, "Name": image.name}
+    snapshots = ec2.ec2().describe_snapshots(SnapshotIds=image.details["snapshots"])["Snapshots"]
+    assert snapshots and all({t["Key"]: t["Value"] for t in s["Tags"]}[TAG_BUILD] == TAGS[TAG_BUILD] for s in snapshots)
+    assert image.region == REGION and image.cloud == "ec2"
+
+
+def test_delete_image_deregisters_and_deletes_its_snapshots_and_is_idempotent(ec2, base):
+    image = built_image(ec2, base)
+    snapshots = image.details["snapshots"]
+
+    ec2.delete_image(ImageRef("ec2", image.image_id, "", REGION))
+    ec2.delete_image(ImageRef("ec2", image.image_id, "", REGION))
+
+    assert ec2.ec2().describe_images(Owners=["self"])["Images"] == []
+    remaining = {s["SnapshotId"] for s in ec2.ec2().describe_snapshots(OwnerIds=["self"])["Snapshots"]}
+    assert not remaining & set(snapshots)
+
+
+def test_replicate_copies_to_each_region_with_tags_and_shares_every_copy(ec2, base):
+    image = built_image(ec2, base)
+    image_tags = {**TAGS, TAG_ROLE: "image"}
+
+    copies = ec2.replicate(image, [REGION, OTHER], ["111122223333", "444455556666"], image_tags)
+
+    [copy] = copies
+    assert copy.region == OTHER and copy.name == image.name
+    [described] = ec2.ec2(OTHER).describe_images(ImageIds=[copy.image_id])["Images"]
+    assert described["State"] == "available"
+    assert {t["Key"]: t["Value"] for t in described["Tags"]} == {**image_tags, "Name": image.name}
+    for each in (image, copy):
+        assert ec2.launch_permissions(each) == ["111122223333", "444455556666"]
+    copy_snapshots = ec2.ec2(OTHER).describe_snapshots(SnapshotIds=copy.details["snapshots"])["Snapshots"]
+    assert all({t["Key"]: t["Value"] for t in s["Tags"]}[TAG_ROLE] == "image" for s in copy_snapshots)
+
+
+def test_a_failed_share_deletes_the_copies_already_made(ec2, base):
+    image = built_image(ec2, base)
+
+    with pytest.raises(botocore.exceptions.ClientError, match="userId"):
+        ec2.replicate(image, [OTHER], ["not-an-account"], TAGS)
+
+    assert ec2.ec2(OTHER).describe_images(Owners=["self"])["Images"] == []
+    assert [r.kind for r in ec2.owned() if r.region == OTHER] == []
+
+
+# -- ownership and release -------------------------------------------------------------------------------
+
+
+def test_owned_lists_every_kiln_resource_in_every_region_and_release_removes_them(ec2, base):
+    image = built_image(ec2, base)  # its instance, key pair and group stay, as after a killed build
+    ec2.copy_image(image, OTHER, TAGS)
+    untagged = ec2.ec2().create_security_group(GroupName="not-kiln", Description="someone else's")["GroupId"]
+
+    found = ec2.owned()
+
+    assert kinds(found) == {"instance": 1, "keypair": 1, "security-group": 1, "image": 2, "snapshot": 2}
+    assert {r.region for r in found if r.kind == "image"} == {REGION, OTHER}
+    assert untagged not in {r.resource_id for r in found}
+    assert ec2.owned({TAG_BUILD: "someone-else"}) == []
+    for resource in sorted(found, key=lambda r: ["instance", "image", "snapshot", "keypair",
+                                                 "security-group"].index(r.kind)):  # fmt: skip
+        ec2.release(resource)
+        ec2.release(resource)  # gone already is success
+    assert ec2.owned() == []
+
+
+def test_security_group_deletion_waits_out_dependency_violation(ec2, base):
+    group = ec2.open_ports("kiln-01234567-build", [22], TAGS)
+    refusals = []
+
+    def still_in_use(**kwargs):
+        if len(refusals) < 3:
+            refusals.append(time.monotonic())
+            return SimpleNamespace(status_code=400), {
+                "Error": {"Code": "DependencyViolation", "Message": f"resource {group} has a dependent object"}
+            }
+        return None
+
+    ec2.ec2().meta.events.register("before-call.ec2.DeleteSecurityGroup", still_in_use)
+
+    ec2.release(Resource("ec2", "security-group", group, region=REGION))
+
+    assert len(refusals) == 3
+    assert ec2.owned() == []
+
+
+def test_security_group_deletion_gives_up_after_its_timeout(moto):  # noqa: F811
+    ec2 = EC2Cloud(REGION, endpoint_url=moto, ssh_cidr=CIDR, poll_seconds=0.2, group_delete_timeout=1)
+    group = ec2.open_ports("kiln-01234567-build", [22], TAGS)
+    refuse(ec2, "DeleteSecurityGroup", "DependencyViolation")
+    with pytest.raises(botocore.exceptions.ClientError, match="DependencyViolation"):
+        ec2.release(Resource("ec2", "security-group", group, region=REGION))
+
+
+def test_terminated_instance_is_no_longer_owned(ec2, base):
+    _, _, instance = launched(ec2, base)
+    ec2.terminate(instance)
+    ec2.terminate(instance)
+    assert [r for r in ec2.owned() if r.kind == "instance"] == []
+
+
+# -- publishing a local build ------------------------------------------------------------------------------
+
+
+def _imported_snapshot(ec2: EC2Cloud) -> str:
+    """The snapshot VM Import would produce (moto has no import_snapshot): a real one in moto."""
+    volume = ec2.ec2().create_volume(Size=1, AvailabilityZone=f"{REGION}a")["VolumeId"]
+    return ec2.ec2().create_snapshot(VolumeId=volume, Description="imported")["SnapshotId"]
+
+
+def _stub_import(ec2: EC2Cloud, bucket: str, statuses: list[dict]) -> Stubber:
+    stubber = Stubber(ec2.vm_import_client())
+    stubber.add_response(
+        "import_snapshot",
+        {"ImportTaskId": "import-snap-0123456789abcdef0"},
+        {
+            "Description": "kiln hello-1.0.0",
+            "DiskContainer": {"Description": "hello-1.0.0", "Format": "RAW",
+                              "UserBucket": {"S3Bucket": bucket, "S3Key": ANY}},
+            "TagSpecifications": [{"ResourceType": "import-snapshot-task",
+                                   "Tags": [{"Key": k, "Value": v} for k, v in TAGS.items()]}],
+        },
+    )  # fmt: skip
+    for detail in statuses:
+        stubber.add_response(
+            "describe_import_snapshot_tasks",
+            {"ImportSnapshotTasks": [{"ImportTaskId": "import-snap-0123456789abcdef0", "SnapshotTaskDetail": detail}]},
+            {"ImportTaskIds": ["import-snap-0123456789abcdef0"]},
+        )
+    return stubber
+
+
+@pytest.fixture
+def bucket(ec2: EC2Cloud) -> str:
+    ec2.client("s3").create_bucket(Bucket="kiln-imports")
+    return "kiln-imports"
+
+
+def test_publish_uploads_imports_and_registers_a_tagged_ami_and_removes_the_upload(ec2, bucket, tmp_path):
+    disk = tmp_path / "hello.raw"
+    disk.write_bytes(b"\0" * 1024 * 1024)
+    snapshot_id = _imported_snapshot(ec2)
+    stubber = _stub_import(ec2, bucket, [
+        {"Status": "active", "Progress": "40"},
+        {"Status": "completed", "SnapshotId": snapshot_id},
+    ])  # fmt: skip
+    lines: list[str] = []
+
+    with stubber:
+        image = publish_disk(ec2, disk, bucket=bucket, name="hello-1.0.0", tags=TAGS, progress=lines.append)
+
+    stubber.assert_no_pending_responses()
+    [described] = ec2.ec2().describe_images(ImageIds=[image.image_id])["Images"]
+    assert described["State"] == "available" and described["Name"] == "hello-1.0.0"
+    assert {t["Key"]: t["Value"] for t in described["Tags"]} == {**TAGS, "Name": "hello-1.0.0"}
+    [snapshot] = ec2.ec2().describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+    assert {t["Key"]: t["Value"] for t in snapshot["Tags"]}[TAG_BUILD] == TAGS[TAG_BUILD]
+    assert ec2.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    assert any("uploading" in line for line in lines) and any(image.image_id in line for line in lines)
+
+
+def test_a_failed_import_leaves_no_upload_and_no_image(ec2, bucket, tmp_path):
+    disk = tmp_path / "hello.raw"
+    disk.write_bytes(b"\0" * 4096)
+    stubber = _stub_import(ec2, bucket, [{"Status": "deleted", "StatusMessage": "ClientError: Disk validation failed"}])
+
+    with stubber, pytest.raises(CloudError, match="Disk validation failed"):
+        publish_disk(ec2, disk, bucket=bucket, name="hello-1.0.0", tags=TAGS)
+
+    assert ec2.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    assert ec2.ec2().describe_images(Owners=["self"])["Images"] == []
+
+
+def test_a_failed_registration_deletes_the_imported_snapshot(ec2, bucket, tmp_path):
+    disk = tmp_path / "hello.raw"
+    disk.write_bytes(b"\0" * 4096)
+    snapshot_id = _imported_snapshot(ec2)
+    stubber = _stub_import(ec2, bucket, [{"Status": "completed", "SnapshotId": snapshot_id}])
+
+    with stubber, pytest.raises(ValueError, match="boot_mode"):
+        publish_disk(ec2, disk, bucket=bucket, name="hello-1.0.0", tags=TAGS, boot_mode="bios")
+    refuse(ec2, "RegisterImage", "InvalidBlockDeviceMapping")
+    with stubber, pytest.raises(botocore.exceptions.ClientError, match="InvalidBlockDeviceMapping"):
+        publish_disk(ec2, disk, bucket=bucket, name="hello-1.0.0", tags=TAGS)
+
+    assert ec2.ec2().describe_snapshots(Filters=[{"Name": "snapshot-id", "Values": [snapshot_id]}])["Snapshots"] == []
+    assert ec2.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+# -- the target ---------------------------------------------------------------------------------------------
+
+
+def test_open_cloud_builds_the_ec2_backend_from_the_target_and_recipe_timeouts(moto):  # noqa: F811
+    target = EC2Target(region="eu-central-1", profile=None, endpoint_url=moto, instance_type="t3.micro",
+                       regions=["eu-central-1", "us-west-2"], share_with=["111122223333"], ssh_cidr="198.51.100.0/24",
+                       base=BaseSpec(ssm_parameter=SSM_AL2023))  # fmt: skip
+
+    cloud = open_cloud(target, Timeouts(boot=120, image=7200))
+
+    assert isinstance(cloud, EC2Cloud) and cloud.name == "ec2"
+    assert (cloud.region, cloud.regions, cloud.share_with) == ("eu-central-1", ["us-west-2"], ["111122223333"])
+    assert (cloud.boot_timeout, cloud.image_timeout, cloud.instance_type) == (120, 7200, "t3.micro")
+    assert cloud.resolve_base(target.base, "ec2-user").region == "eu-central-1"
+
+
+def test_waits_time_out_with_a_message_naming_the_wait(ec2, base):
+    _, _, instance = launched(ec2, base)
+    started = dt.datetime.now()
+    with pytest.raises(CloudError, match="instance_stopped not reached within 1s"):
+        ec2._wait("instance_stopped", 1, InstanceIds=[instance.instance_id])
+    assert (dt.datetime.now() - started).total_seconds() < 10
