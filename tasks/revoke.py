@@ -1,14 +1,16 @@
 """Revocation: mark an image and its descendants in provenance, then flag them where users find images —
 the cloud itself (EC2 deprecation, Glance deactivation, the local image's meta.json) and kiln's catalog entry.
 
-A backend offers revocation through an optional method, `revoke_image(image: ImageRef, reason: str) -> None`;
-one without it is reported, not failed. Provenance is written first: it is what refuses a revoked base.
+A backend offers revocation through an optional method, `revoke_image(image: ImageRef, reason: str) -> None`
+(or its own deactivate_image/deprecate_image(image_id)); one without any is reported, not failed.
+Provenance is written first: it is what refuses a revoked base.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,18 +87,34 @@ def act_on_cloud(row: RevokedImage) -> CloudAction:
     except Exception as exc:  # credentials or endpoint missing: provenance is revoked all the same
         action.outcome, action.detail = "failed", f"could not open {row.cloud}: {describe(exc)}"
         return action
-    revoke_on_cloud = getattr(cloud, "revoke_image", None) if cloud is not None else None
-    if revoke_on_cloud is None:
+    flag = _revocation_call(cloud, row)
+    if flag is None:
         action.outcome = "unsupported"
         action.detail = f"the {row.cloud} backend offers no revocation; revoked in provenance only"
         return action
     try:
-        revoke_on_cloud(ImageRef(cloud=row.cloud, image_id=row.image_id, name=row.name, region=row.region), row.reason)
+        flag()
     except Exception as exc:
         action.outcome, action.detail = "failed", describe(exc)
         return action
     action.outcome = "flagged"
     return action
+
+
+def _revocation_call(cloud: Any, row: RevokedImage) -> Callable[[], None] | None:
+    """The backend's way to flag an image: revoke_image(ImageRef, reason), else the cloud's own verb
+    (Glance's deactivate_image(id), EC2's deprecate_image(id)); None when it has none."""
+    if cloud is None:
+        return None
+    revoke_image = getattr(cloud, "revoke_image", None)
+    if callable(revoke_image):
+        ref = ImageRef(cloud=row.cloud, image_id=row.image_id, name=row.name, region=row.region)
+        return lambda: revoke_image(ref, row.reason)
+    for verb in ("deactivate_image", "deprecate_image"):
+        method = getattr(cloud, verb, None)
+        if callable(method):
+            return lambda method=method: method(row.image_id)
+    return None
 
 
 def flag_catalog_entry(row: RevokedImage) -> None:
