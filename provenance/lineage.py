@@ -14,7 +14,7 @@ from sqlmodel import Session, SQLModel, select
 
 from provenance import store
 from provenance.graph import ancestors_cte, descendants_cte
-from provenance.models import Build, Image, Probe, RecipeVersion, StepRun
+from provenance.models import Audit, Build, Image, Package, Probe, RecipeVersion, StepRun
 
 
 class AmbiguousBuildId(LookupError):
@@ -409,3 +409,26 @@ def _node_of(session: Session, image: Image) -> LineageNode:
     build = session.get(Build, image.build_id) if image.build_id else None
     recipe = session.get(RecipeVersion, build.recipe_version_id) if build else None
     return LineageNode(image, 0, image.parent_id, build, recipe)
+
+
+# ------------------------------------------------------------------------------------------------ audits
+
+
+def packages_of(image_row_id: int) -> list[tuple[str, str, str]]:
+    """An image's package manifest as (name, version, arch), by name."""
+    query = select(Package.name, Package.version, Package.arch).where(Package.image_id == image_row_id)
+    with _session() as session:
+        return sorted((name, version, arch) for name, version, arch in session.exec(query).all())
+
+
+def get_audit(audit_id: int) -> Audit | None:
+    """One repeatability audit by row id."""
+    with _session() as session:
+        return session.get(Audit, audit_id)
+
+
+def audits_of(image_row_id: int) -> list[Audit]:
+    """The audits of one image, newest first."""
+    query = select(Audit).where(Audit.image_row_id == image_row_id).order_by(Audit.started.desc(), Audit.id.desc())
+    with _session() as session:
+        return list(session.exec(query).all())
