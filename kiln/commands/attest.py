@@ -1,0 +1,104 @@
+"""`kiln attest`: a signed in-toto/SLSA provenance statement for an image, key generation, and verification."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from kiln.commands.records import _console
+from provenance import attest as statements
+from provenance.lineage import UnknownImage
+
+KEY_ENV = "KILN_SIGNING_KEY"
+errors = Console(stderr=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("attest")(attest)
+
+
+def attest(
+    image_id: str | None = typer.Argument(None, help="The image to attest (any id kiln knows, or its sha256)."),
+    key: Path | None = typer.Option(None, "--key", help=f"ed25519 private key (PEM); default: ${KEY_ENV}."),
+    out: Path | None = typer.Option(None, "--out", help="Where to write the envelope; default ./IMAGE.intoto.json."),
+    generate_key: Path | None = typer.Option(None, "--generate-key", help="Make a new key pair: FILE and FILE.pub."),
+    verify: Path | None = typer.Option(None, "--verify", help="Check a signed statement instead of making one."),
+    pub: Path | None = typer.Option(None, "--pub", help=f"Public key to verify with; default: ${KEY_ENV}'s."),
+) -> None:
+    """Write a signed provenance statement (in-toto Statement v1, SLSA provenance v1, DSSE, ed25519) for an image,
+    or --verify one: signature, and subjects against the recorded sha256 and the disk file when it is here."""
+    if generate_key is not None:
+        _generate(generate_key)
+    elif verify is not None:
+        _verify(verify, pub)
+    elif image_id is not None:
+        _attest(image_id, key, out)
+    else:
+        _fail("give an IMAGE_ID to attest, --verify FILE, or --generate-key FILE", 2)
+
+
+def _generate(path: Path) -> None:
+    try:
+        public_path = statements.generate_key(path)
+    except statements.AttestationError as exc:
+        _fail(str(exc), 2)
+    public = statements.load_public_key(public_path)
+    typer.echo(f"private key {path} (keep it secret; export {KEY_ENV}={path.resolve()})")
+    typer.echo(f"public key  {public_path}  keyid {statements.key_id(public)}")
+
+
+def _attest(image_id: str, key_path: Path | None, out: Path | None) -> None:
+    key_path = key_path or (Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else None)
+    if key_path is None:
+        _fail(f"no signing key: pass --key FILE or set {KEY_ENV} (make one with kiln attest --generate-key FILE)", 2)
+    try:
+        key = statements.load_private_key(key_path)
+        statement = statements.statement_for(image_id)
+    except (statements.AttestationError, UnknownImage) as exc:
+        _fail(str(exc), 2)
+    envelope = statements.sign(statement, key)
+    target = out or Path(f"{re.sub(r'[^A-Za-z0-9._-]+', '_', image_id)}.intoto.json")
+    target.write_text(json.dumps(envelope, indent=2) + "\n")
+    names = ", ".join(subject["name"] for subject in statement["subject"])
+    typer.echo(f"{target}: in-toto statement for {names}, signed by key {envelope['signatures'][0]['keyid'][:16]}")
+
+
+def _verify(path: Path, pub: Path | None) -> None:
+    pub = pub or _default_public_key()
+    try:
+        envelope = json.loads(path.read_text())
+        public = statements.load_public_key(pub)
+        statement = statements.open_envelope(envelope, public)
+    except (OSError, ValueError, statements.AttestationError) as exc:
+        _fail(f"{path}: {exc}", 1)
+    try:
+        checks = statements.check_subjects(statement)
+    except statements.AttestationError as exc:
+        _fail(f"{path}: {exc}", 1)
+    console = _console()
+    console.print(f"{escape(str(path))}: signature verifies with key {statements.key_id(public)[:16]}")
+    for check in checks:
+        mark = "[green]ok[/]" if check.ok else "[red]MISMATCH[/]"
+        console.print(f"  {mark} {escape(check.name)}: {escape(check.detail)}", highlight=False)
+    if not all(check.ok for check in checks):
+        raise typer.Exit(1)
+
+
+def _default_public_key() -> Path:
+    configured = os.environ.get(KEY_ENV)
+    if not configured:
+        _fail(f"no key to verify with: pass --pub FILE or set {KEY_ENV}", 2)
+    public = Path(configured + ".pub")
+    return public if public.is_file() else Path(configured)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    errors.print(f"[red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)

@@ -1,0 +1,259 @@
+"""Provenance statements: an in-toto Statement v1 with a SLSA provenance v1 predicate for an image kiln built,
+signed as a DSSE envelope with an ed25519 key the user owns, and the verification of one.
+
+Subjects are the image's disk files by sha256 (named by cloud and image id) and, for the build's cloud images
+that have no file (an AMI, a Glance image), the cloud image id itself as the digest value (`kilnCloudImageId`).
+Only the public half of a key is ever printed; the private key stays in the user's file.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from provenance import lineage
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+BUILD_TYPE = "https://kiln.dev/build-image/v1"  # what a kiln image build is: recipe + target on a base
+BUILDER_ID = "https://kiln.dev/builder/v1"
+CLOUD_ID_DIGEST = "kilnCloudImageId"
+
+
+class AttestationError(RuntimeError):
+    """A statement cannot be made, signed or verified; the message says which part and why."""
+
+
+# ------------------------------------------------------------------------------------------------ keys
+
+
+def generate_key(path: Path) -> Path:
+    """A new ed25519 key: the private half in `path` (PKCS#8 PEM, mode 0600), the public in `path`.pub."""
+    path = Path(path)
+    if path.exists():
+        raise AttestationError(f"{path} exists already: kiln never overwrites a key")
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(private)
+    public_path = path.with_name(path.name + ".pub")
+    public_path.write_bytes(_public_pem(key.public_key()))
+    return public_path
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise AttestationError(f"signing key {path}: cannot read an unencrypted PEM private key ({exc})") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise AttestationError(f"signing key {path} is not an ed25519 key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """A public key file, or the public half of a private key file."""
+    data = Path(path).read_bytes()
+    try:
+        key: Any = serialization.load_pem_public_key(data)
+    except ValueError:
+        key = load_private_key(path).public_key()
+    if not isinstance(key, Ed25519PublicKey):
+        raise AttestationError(f"verification key {path} is not an ed25519 key")
+    return key
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """sha256 of the raw public key, hex: names the key in the envelope."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _public_pem(public: Ed25519PublicKey) -> bytes:
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# ------------------------------------------------------------------------------------------ statement
+
+
+def statement_for(image_id: str) -> dict[str, Any]:
+    """The in-toto statement for an image kiln built (lineage.UnknownImage if kiln does not know it)."""
+    image = lineage.resolve_image(image_id)
+    detail = lineage.get_build(image.build_id) if image.build_id else None
+    if detail is None:
+        raise AttestationError(f"{image.image_id} is a {image.kind} image kiln did not build: no provenance to attest")
+    build, recipe = detail.build, detail.recipe
+    same_build = sorted((s.image for s in detail.images), key=lambda row: (row.id != image.id, row.id or 0))
+    base = lineage.ancestors(image.id)[:1] if image.id is not None else []
+    dependencies: list[dict[str, Any]] = []
+    if recipe.commit:
+        dependencies.append({"uri": f"git+{recipe.repo}" if recipe.repo else recipe.path,
+                             "digest": {"gitCommit": recipe.commit}, "annotations": {"dirty": recipe.dirty}})
+    dependencies.append({"name": f"recipe:{recipe.path}", "digest": {"sha256": recipe.fingerprint}})
+    if base:
+        parent = base[0].image
+        dependencies.append({"name": f"base:{_subject_name(parent.cloud, parent.region, parent.image_id)}",
+                             "digest": _digest(parent.sha256, parent.image_id),
+                             "annotations": {"kind": parent.kind, "status": parent.status}})
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [_subject(row) for row in same_build],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {
+                    "recipe": {"name": recipe.name, "version": recipe.version, "path": recipe.path,
+                               "repository": recipe.repo, "commit": recipe.commit, "dirty": recipe.dirty,
+                               "fingerprint": recipe.fingerprint},
+                    "target": build.target,
+                    "parameters": json.loads(build.parameters_json or "{}"),
+                },
+                "internalParameters": {"cloud": build.cloud, "region": build.region, "trigger": build.trigger},
+                "resolvedDependencies": dependencies,
+            },
+            "runDetails": {
+                "builder": {"id": BUILDER_ID, "version": {"kiln": build.kiln_version}},
+                "metadata": {
+                    "invocationId": build.id,
+                    "startedOn": _rfc3339(build.started),
+                    "finishedOn": _rfc3339(build.finished),
+                },
+                "byproducts": [
+                    {"name": f"probe:{probe.name}", "annotations": {"kind": probe.kind, "passed": probe.passed}}
+                    for probe in detail.probes
+                ],
+            },
+        },
+    }
+
+
+def _subject(row: Any) -> dict[str, Any]:
+    subject: dict[str, Any] = {
+        "name": _subject_name(row.cloud, row.region, row.image_id),
+        "digest": _digest(row.sha256, row.image_id),
+        "annotations": {"cloud": row.cloud, "region": row.region, "imageId": row.image_id, "kind": row.kind},
+    }
+    if row.format:
+        subject["annotations"]["format"] = row.format
+    if row.size is not None:
+        subject["annotations"]["size"] = row.size
+    return subject
+
+
+def _subject_name(cloud: str, region: str, image_id: str) -> str:
+    return ":".join(part for part in (cloud, region, image_id) if part)
+
+
+def _digest(sha256: str, image_id: str) -> dict[str, str]:
+    return {"sha256": sha256} if sha256 else {CLOUD_ID_DIGEST: image_id}
+
+
+def _rfc3339(moment: Any) -> str | None:
+    return moment.isoformat().replace("+00:00", "Z") if moment is not None else None
+
+
+# --------------------------------------------------------------------------------------------- DSSE
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE's pre-authentication encoding: what is actually signed."""
+    kind = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
+
+
+def sign(statement: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The statement in a DSSE envelope signed with `key`."""
+    payload = json.dumps(statement, sort_keys=True, separators=(",", ":")).encode()
+    signature = key.sign(pae(PAYLOAD_TYPE, payload))
+    return {
+        "payloadType": PAYLOAD_TYPE,
+        "payload": base64.b64encode(payload).decode(),
+        "signatures": [{"keyid": key_id(key.public_key()), "sig": base64.b64encode(signature).decode()}],
+    }
+
+
+def open_envelope(envelope: dict[str, Any], public: Ed25519PublicKey) -> dict[str, Any]:
+    """The statement inside a DSSE envelope, once a signature by `public` verifies over it."""
+    if envelope.get("payloadType") != PAYLOAD_TYPE:
+        raise AttestationError(f"payloadType {envelope.get('payloadType')!r} is not {PAYLOAD_TYPE}")
+    try:
+        payload = base64.b64decode(envelope["payload"], validate=True)
+        signatures = [base64.b64decode(s["sig"], validate=True) for s in envelope.get("signatures", [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AttestationError(f"not a DSSE envelope: {exc}") from exc
+    message = pae(PAYLOAD_TYPE, payload)
+    for signature in signatures:
+        try:
+            public.verify(signature, message)
+        except InvalidSignature:
+            continue
+        statement = json.loads(payload)
+        if statement.get("_type") != STATEMENT_TYPE or statement.get("predicateType") != PREDICATE_TYPE:
+            raise AttestationError("the signed payload is not an in-toto v1 statement with SLSA provenance v1")
+        return statement
+    raise AttestationError(f"no signature verifies with key {key_id(public)[:16]}: the statement was altered "
+                           "or signed by another key")
+
+
+# -------------------------------------------------------------------------------------- subject checks
+
+
+@dataclass(frozen=True)
+class SubjectCheck:
+    name: str
+    recorded: bool  # the sha256 equals the one provenance recorded for this image
+    on_disk: bool | None  # the file exists and hashes to it (None: no file here to check)
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.recorded and self.on_disk is not False
+
+
+def check_subjects(statement: dict[str, Any]) -> list[SubjectCheck]:
+    """Each subject with a sha256 against the image provenance recorded (and its file when it is here)."""
+    checks = []
+    for subject in statement.get("subject", []):
+        sha = subject.get("digest", {}).get("sha256")
+        image_id = subject.get("annotations", {}).get("imageId")
+        if not sha or not image_id:
+            continue
+        rows = [s.image for s in lineage.find_image(image_id) if s.image.image_id == image_id]
+        row = next((r for r in rows if r.cloud == subject["annotations"].get("cloud")), None)
+        if row is None:
+            checks.append(SubjectCheck(subject["name"], False, None, "provenance has no such image"))
+            continue
+        recorded = row.sha256 == sha
+        on_disk = None
+        detail = "matches provenance" if recorded else f"provenance recorded sha256 {row.sha256}"
+        if row.path and Path(row.path).is_file():
+            actual = _sha256_file(Path(row.path))
+            on_disk = actual == sha
+            detail += f"; {row.path} " + ("matches" if on_disk else f"has sha256 {actual}")
+        checks.append(SubjectCheck(subject["name"], recorded, on_disk, detail))
+    if not checks:
+        raise AttestationError("the statement has no sha256 subject kiln can check")
+    return checks
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
