@@ -13,7 +13,7 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, SQLModel, select
 
 from provenance import store
-from provenance.graph import ancestors_cte, descendants_cte
+from provenance.graph import ROOT, ancestors_cte, descendants_cte
 from provenance.models import Audit, Build, Image, Package, Probe, RecipeVersion, StepRun
 
 
@@ -374,16 +374,21 @@ def _graph_query(cte) -> Select:  # noqa: ANN001 - a recursive CTE from provenan
     )
 
 
+# Built once: each call only binds the starting row (and SQLAlchemy reuses the compiled SQL).
+_ANCESTORS = _graph_query(ancestors_cte())
+_DESCENDANTS = _graph_query(descendants_cte())
+
+
 def _nodes(rows: Any) -> list[LineageNode]:
     return [LineageNode(image, depth, image.parent_id, build, recipe) for image, build, recipe, depth in rows]
 
 
 def _ancestors(session: Session, image_row_id: int) -> list[LineageNode]:
-    return _nodes(session.exec(_graph_query(ancestors_cte(image_row_id))).all())
+    return _nodes(session.exec(_ANCESTORS, params={ROOT: image_row_id}).all())
 
 
 def _descendants(session: Session, image_row_id: int) -> list[LineageNode]:
-    return _nodes(session.exec(_graph_query(descendants_cte(image_row_id))).all())
+    return _nodes(session.exec(_DESCENDANTS, params={ROOT: image_row_id}).all())
 
 
 def _siblings(session: Session, image: Image) -> list[LineageNode]:

@@ -28,7 +28,7 @@ from sqlmodel import Session, SQLModel, select, update
 
 from kiln.settings import KILN_VERSION, database_url
 from provenance.gitinfo import GitInfo
-from provenance.graph import descendants_cte
+from provenance.graph import ROOTS, descendants_cte
 from provenance.models import (
     AUDIT_STATUSES,
     BUILD_STATUSES,
@@ -573,9 +573,10 @@ def revoke_image(image_row_id: int, reason: str, *, cascade: bool = False) -> li
             same_bits += session.exec(
                 select(Image).where(Image.build_id == subject.build_id, Image.id != subject.id).order_by(Image.id)
             ).all()
-        tree = descendants_cte([image.id for image in same_bits if image.id is not None])
+        tree = descendants_cte(several=True)
         below = session.exec(
-            select(Image).join(tree, Image.id == tree.c.id).where(tree.c.depth > 0).order_by(tree.c.depth, Image.id)
+            select(Image).join(tree, Image.id == tree.c.id).where(tree.c.depth > 0).order_by(tree.c.depth, Image.id),
+            params={ROOTS: [image.id for image in same_bits]},
         ).all()
         changed: list[RevokedImage] = []
         own_ids = {image.id for image in same_bits}
