@@ -63,7 +63,7 @@ class BaseImage:
     """The resolved starting point of a build on one cloud."""
 
     cloud: str
-    image_id: str  # AMI id, Glance id, or for local the path of the cached disk file
+    image_id: str  # AMI id, Glance id, or for local the path of the disk file (details["kiln_image_id"]: img-…)
     digest: str  # sha256 of the bits where known, else the cloud's own immutable marker
     ssh_user: str
     name: str = ""
@@ -112,6 +112,15 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
+class StopResult:
+    """How an instance stopped. forced: the guest ignored the clean shutdown and was killed after the timeout."""
+
+    forced: bool
+    seconds: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class Resource:
     """Something a cloud holds that kiln made: found by tags for `kiln gc`."""
 
@@ -146,7 +155,7 @@ class Cloud(Protocol):
 
     def console(self, instance: Instance) -> str: ...
 
-    def stop(self, instance: Instance, timeout: float = 120) -> None: ...
+    def stop(self, instance: Instance, timeout: float = 120) -> StopResult | None: ...
 
     def snapshot(self, instance: Instance, name: str, tags: dict[str, str], formats: list[str]) -> ImageRef: ...
 
