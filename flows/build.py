@@ -75,7 +75,7 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
         target_name=target,
         git=git,
         recipe_version_id=version_id,
-        cloud=open_cloud(spec),
+        cloud=open_cloud(spec, target_name=target),
         on_error=on_error,
     )
 
@@ -192,7 +192,7 @@ def cleanup_build(build_id: str) -> list[str]:
     recipe = json.loads(detail.recipe.recipe_json)
     target = TypeAdapter(Target).validate_python(recipe["targets"][detail.build.target])
     plan = BuildPlan(build_id=detail.build.id, recipe=None, target_name=detail.build.target, git=None,
-                     recipe_version_id=detail.recipe.id, cloud=open_cloud(target))
+                     recipe_version_id=detail.recipe.id, cloud=open_cloud(target, target_name=detail.build.target))
     errors = release_open(plan)
     shutil.rmtree(settings.data_dir() / "debug" / detail.build.id, ignore_errors=True)
     return errors

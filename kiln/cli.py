@@ -25,5 +25,6 @@ from kiln.commands import records; records.register(app)  # noqa: E402, E702, I0
 from kiln.commands import recipes; recipes.register(app)  # noqa: E402, E702, I001
 from kiln.commands import build; build.register(app)  # noqa: E402, E702, I001
 from kiln.commands import lineage; lineage.register(app)  # noqa: E402, E702, I001
+from kiln.commands import publish; publish.register(app)  # noqa: E402, E702, I001
 from kiln.commands import audit; audit.register(app)  # noqa: E402, E702, I001
 from kiln.commands import attest; attest.register(app)  # noqa: E402, E702, I001
