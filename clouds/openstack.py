@@ -497,12 +497,12 @@ class OpenStackCloud:
             raise CloudError(f"Glance image {image_id}: {action} answered HTTP {response.status_code}; "
                              f"the image is {now}, not {status}")
 
-    def share_image(self, image_id: str, projects: list[str]) -> None:
-        """Make the image shared and add each project as a member (idempotent)."""
+    def share_image(self, image: ImageRef | str, projects: list[str]) -> None:
+        """Make the image (an ImageRef or a Glance id) shared and add each project as a member (idempotent)."""
         if not projects:
             return
         image_api = self.conn.image
-        image = image_api.get_image(image_id)
+        image = image_api.get_image(image.image_id if isinstance(image, ImageRef) else image)
         if image.visibility not in ("shared", "public"):
             image_api.update_image(image, visibility="shared")
         present = {member.member_id for member in image_api.members(image)}
