@@ -109,7 +109,7 @@ def connect(os_cloud: str, *, config_files: list[str] | None = None, interactive
         conn.authorize()
     except os_exc.ConfigException as exc:
         raise CloudError(f"OpenStack cloud {os_cloud!r}: {exc} (name an entry of clouds.yaml in os_cloud)") from exc
-    except (os_exc.SDKException, Exception) as exc:  # keystoneauth raises its own classes too
+    except Exception as exc:  # keystoneauth raises its own classes besides openstacksdk's
         raise CloudError(f"OpenStack cloud {os_cloud!r}: authentication failed: {_short(exc)}") from exc
     return conn
 
@@ -321,7 +321,7 @@ class OpenStackCloud:
             if network is None:
                 raise CloudError(f"network: {self.network!r} is not a network of {self.os_cloud}")
             networks = [{"uuid": network.id}]
-        name = f"{key.name}-{role}" if not key.name.endswith(role) else key.name
+        name = key.name  # kiln-<build>-<role>, like the key pair and the security group
         attrs: dict[str, Any] = {
             "name": name,
             "image_id": base.image_id,
