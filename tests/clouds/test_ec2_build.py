@@ -88,12 +88,23 @@ class GuestBackedEC2(EC2Cloud):
             self.local.delete_image(self.images.pop(image.image_id))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def prefect_drained(prefect_api: str) -> Iterator[None]:  # noqa: F811
+    """Flush Prefect's log and event workers while the server still runs: else they retry at exit, for minutes."""
+    yield
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
+
+
 @pytest.fixture
 def ec2_build(moto: str, bootstrap_base: BaseImage, monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:  # noqa: F811
     """build_image opens a GuestBackedEC2 for ec2 targets; yields the clouds it opened, cleans their local images."""
     opened: list[GuestBackedEC2] = []
 
-    def open_cloud(target, timeouts=None):  # noqa: ANN001, ANN202 - stands in for clouds.open_cloud
+    def open_cloud(target, timeouts=None, **_):  # noqa: ANN001, ANN003, ANN202 - stands in for clouds.open_cloud
         cloud = GuestBackedEC2.from_target(target, timeouts).attach(LocalCloud(memory_mb=1024), bootstrap_base)
         cloud.poll_seconds = 0.2
         opened.append(cloud)

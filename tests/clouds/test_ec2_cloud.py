@@ -191,6 +191,18 @@ def test_subnet_and_private_interface_reach_ssh_on_the_private_address(moto, bas
     assert rule["IpRanges"][0]["CidrIp"] == "10.20.0.0/16"
 
 
+def test_disk_size_sets_the_root_volume_of_the_base_image(moto, base):  # noqa: F811
+    ec2 = EC2Cloud(REGION, endpoint_url=moto, ssh_cidr=CIDR, disk_size_gb=24, instance_type="t3.micro",
+                   poll_seconds=0.2)  # fmt: skip
+
+    _, _, instance = launched(ec2, base)
+
+    described = ec2.ec2().describe_instances(InstanceIds=[instance.instance_id])["Reservations"][0]["Instances"][0]
+    [root] = [m for m in described["BlockDeviceMappings"] if m["DeviceName"] == base.details["root_device_name"]]
+    [volume] = ec2.ec2().describe_volumes(VolumeIds=[root["Ebs"]["VolumeId"]])["Volumes"]
+    assert volume["Size"] == 24 and described["InstanceType"] == "t3.micro"
+
+
 def test_console_output_is_decoded_whether_base64_or_text(ec2, base):
     _, _, instance = launched(ec2, base)
     assert "Linux version" in ec2.console(instance)  # moto sends base64, as EC2 does
@@ -198,6 +210,30 @@ def test_console_output_is_decoded_whether_base64_or_text(ec2, base):
     assert decode_console(base64.b64encode(text.encode()).decode()) == text
     assert decode_console(text) == text
     assert decode_console(None) == ""
+
+
+def test_host_key_fingerprints_are_read_from_the_base64_console_ec2_returns(ec2, base):
+    from clouds.ssh import host_key_fingerprints_from_console
+
+    _, _, instance = launched(ec2, base)
+    console = (
+        "[   12.3] cloud-init[612]: Cloud-init v. 23.1 running 'modules:final'\n"
+        "ec2: #############################################################\n"
+        "ec2: -----BEGIN SSH HOST KEY FINGERPRINTS-----\n"
+        "ec2: 256 SHA256:Wq3bB3mUo6GQmUnPp1vO2pD0C2nq8dL0xQm6Jj1kq1c root@ip-10-0-0-5 (ED25519)\n"
+        "ec2: -----END SSH HOST KEY FINGERPRINTS-----\n"
+        "ec2: #############################################################\n"
+    )
+    ec2.ec2().meta.events.register(
+        "before-call.ec2.GetConsoleOutput",
+        lambda **_: (SimpleNamespace(status_code=200), {"InstanceId": instance.instance_id,
+                                                         "Output": base64.b64encode(console.encode()).decode()}),
+    )  # fmt: skip
+
+    text = ec2.console(instance)
+
+    assert text == console
+    assert host_key_fingerprints_from_console(text) == ["SHA256:Wq3bB3mUo6GQmUnPp1vO2pD0C2nq8dL0xQm6Jj1kq1c"]
 
 
 # -- stop, snapshot, copies, sharing, deletion ----------------------------------------------------------------------
