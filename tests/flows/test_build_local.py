@@ -21,8 +21,9 @@ STAGES = ["fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapsho
 
 
 def qemu_processes() -> list[str]:
+    """QEMU processes running a disk of this test session's kiln home (other kiln users may run their own)."""
     out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "kiln" in line]
+    return [line for line in out.splitlines() if str(settings.data_dir()) in line]
 
 
 def assert_nothing_left(build_id: str) -> None:
