@@ -75,7 +75,7 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
         target_name=target,
         git=git,
         recipe_version_id=version_id,
-        cloud=open_cloud(spec, target_name=target),
+        cloud=open_cloud(spec, recipe.timeouts, target_name=target),
         on_error=on_error,
     )
 

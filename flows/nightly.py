@@ -64,7 +64,7 @@ def plan_night(directory: Path, only_targets: list[str]) -> list[NightlyDecision
             if only_targets and target not in only_targets:
                 continue
             try:
-                base = open_cloud(spec, target_name=target).resolve_base(spec.base, spec.ssh_user)
+                base = open_cloud(spec, recipe.timeouts, target_name=target).resolve_base(spec.base, spec.ssh_user)
             except Exception as exc:  # a cloud we cannot reach tonight is reported, not fatal to the others
                 decisions.append(NightlyDecision(str(path), target, "skip", f"base not resolvable: {exc}"))
                 continue
