@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from tests.clouds.conftest import Spec
 from tests.openstack_server import ADMIN_PASSWORD, OpenStackServers
 
 pytest_plugins = ["tests.clouds.openstack_fixtures"]
+KILN = Path(sys.executable).with_name("kiln")
 
 
 def tags_for(build: str) -> dict[str, str]:
@@ -295,3 +298,19 @@ def test_publish_refuses_revoked_and_unknown_images(glance: OpenStackCloud, disk
     with pytest.raises(PublishRefused, match="no local image with this id"):
         publish_image("img-000000000000", glance)
     assert glance.owned({TAG_BUILD: build_id}) == []
+
+
+def test_kiln_publish_exits_2_for_bad_input_and_1_when_the_cloud_fails(
+    openstack_test_servers: OpenStackServers, disk: Path, build_id: str
+) -> None:
+    local_id, _ = local_image_row(disk, tags_for(build_id))
+    env = {**os.environ, "OS_CLIENT_CONFIG_FILE": str(openstack_test_servers.clouds_yaml)}
+
+    def kiln_publish(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(KILN), "publish", *args], capture_output=True, text=True, env=env, timeout=300)
+
+    unknown = kiln_publish("img-000000000000", "--to", "kiln-test")
+    assert unknown.returncode == 2 and "no local image with this id" in unknown.stderr
+    no_cloud = kiln_publish(local_id, "--to", "no-such-cloud")
+    assert no_cloud.returncode == 1 and "'no-such-cloud'" in no_cloud.stderr
+    assert ADMIN_PASSWORD not in no_cloud.stdout + no_cloud.stderr
