@@ -122,6 +122,7 @@ def test_the_audit_deployment_runs_the_audit_flow_with_its_parameters() -> None:
 
 
 @pytest.mark.vm
+@pytest.mark.timeout(3600)  # two full builds under TCG; on a loaded 2-core machine one took 15 minutes
 def test_audit_of_a_real_local_build_rebuilds_the_same_commit_and_finds_it_identical(
     tmp_path, prefect_api, capsys
 ) -> None:
