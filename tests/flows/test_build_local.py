@@ -87,7 +87,7 @@ def test_failing_script_fails_customize_and_releases_every_resource(tmp_path, pr
     assert_nothing_left(outcome["build_id"])
 
 
-def _wait_for_stage(recipe_name: str, stage: str, timeout: float = 600) -> str:
+def _wait_for_stage(recipe_name: str, stage: str, timeout: float = 1500) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for build in lineage.list_builds(recipe=recipe_name):
