@@ -26,7 +26,12 @@ def ovf_descriptor(
     os_type: str = "debian",
     annotation: str = "",
 ) -> str:
-    """The OVF 1.0 envelope for one VM with one streamOptimized disk on a SCSI controller and one NIC."""
+    """The OVF 1.0 envelope for one VM with one streamOptimized disk on an IDE controller and one NIC.
+
+    Debian's cloud kernel (the bootstrap base's) has drivers for PIIX IDE and VMXNET3 but none for LSI Logic
+    SCSI, AHCI or E1000, so those are the devices named here: the disk boots in VMware and VirtualBox alike,
+    and the NIC works in VMware (VirtualBox users pick virtio-net, or bake linux-image-amd64 into the base).
+    """
     os_id, os_label = OS_TYPES.get(os_type, OS_TYPES["linux"])
     return f"""<?xml version="1.0" encoding="UTF-8"?>
 <Envelope ovf:version="1.0" xml:lang="en-US"
@@ -86,11 +91,11 @@ def ovf_descriptor(
       </Item>
       <Item>
         <rasd:Address>0</rasd:Address>
-        <rasd:Description>SCSI Controller</rasd:Description>
-        <rasd:ElementName>SCSI controller 0</rasd:ElementName>
+        <rasd:Description>IDE Controller</rasd:Description>
+        <rasd:ElementName>IDE controller 0</rasd:ElementName>
         <rasd:InstanceID>3</rasd:InstanceID>
-        <rasd:ResourceSubType>lsilogic</rasd:ResourceSubType>
-        <rasd:ResourceType>6</rasd:ResourceType>
+        <rasd:ResourceSubType>PIIX4</rasd:ResourceSubType>
+        <rasd:ResourceType>5</rasd:ResourceType>
       </Item>
       <Item>
         <rasd:AddressOnParent>0</rasd:AddressOnParent>
@@ -104,10 +109,10 @@ def ovf_descriptor(
         <rasd:AddressOnParent>0</rasd:AddressOnParent>
         <rasd:AutomaticAllocation>true</rasd:AutomaticAllocation>
         <rasd:Connection>NAT</rasd:Connection>
-        <rasd:Description>E1000 ethernet adapter on "NAT"</rasd:Description>
+        <rasd:Description>VMXNET3 ethernet adapter on "NAT"</rasd:Description>
         <rasd:ElementName>Ethernet 1</rasd:ElementName>
         <rasd:InstanceID>5</rasd:InstanceID>
-        <rasd:ResourceSubType>E1000</rasd:ResourceSubType>
+        <rasd:ResourceSubType>VMXNET3</rasd:ResourceSubType>
         <rasd:ResourceType>10</rasd:ResourceType>
       </Item>
     </VirtualHardwareSection>
