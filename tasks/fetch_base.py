@@ -23,7 +23,10 @@ class ResolvedBase:
 def fetch_base(plan: BuildPlan, *, step_log: StepLog) -> ResolvedBase:
     target = plan.target
     step_log(f"resolving base ({target.base.kind}) for target {plan.target_name} on {plan.cloud.name}")
-    base = plan.cloud.resolve_base(target.base, target.ssh_user)
+    spec = target.base
+    if spec.file is not None:  # recipe-relative, like every path in a recipe
+        spec = spec.model_copy(update={"file": str(plan.recipe.resolve(spec.file))})
+    base = plan.cloud.resolve_base(spec, target.ssh_user)
     step_log(f"base {base.image_id} digest {base.digest}")
     row_id = _base_row(base)
     status = lineage.image_status(row_id)
