@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -27,6 +28,7 @@ from tasks.verify import verify
 from tasks.wait_boot import wait_boot
 
 OnError = Literal["cleanup", "abort"]
+CANCELLED = threading.Event()  # set by Ctrl-C in this process: failing builds record "cancelled"
 _ACTIVE: dict[str, BuildPlan] = {}  # flow run id -> plan, for the flow's failure hooks in this process
 
 
@@ -82,7 +84,11 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
 
 def conclude_failure(plan: BuildPlan, exc: BaseException) -> None:
     """Record the failure, then undo everything in reverse order (or keep it all with --on-error abort)."""
-    cancelled = isinstance(exc, KeyboardInterrupt | SystemExit) or type(exc).__name__ == "TerminationSignal"
+    cancelled = (
+        CANCELLED.is_set()
+        or isinstance(exc, KeyboardInterrupt | SystemExit)
+        or type(exc).__name__ == "TerminationSignal"
+    )
     if plan.on_error == "abort" and not cancelled:
         notes = keep_for_debugging(plan)
         store.finish_build(plan.build_id, "failed", error="\n".join([describe(exc), *notes]))
@@ -150,20 +156,32 @@ def targets_of(request: BuildRequest) -> list[str]:
 def build_recipe(request: BuildRequest, trigger: str = "ui") -> list[dict]:
     """Every requested target concurrently; one failing target does not stop the others."""
     targets = targets_of(request)
-    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-        states = {
-            target: pool.submit(
-                build_image,
-                request.recipe,
-                target,
-                request.on_error,
-                trigger,
-                request.require_clean,
-                return_state=True,
-            )
-            for target in targets
-        }
+    pool = ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="kiln-target")
+    states = {
+        target: pool.submit(
+            build_image, request.recipe, target, request.on_error, trigger, request.require_clean, return_state=True
+        )
+        for target in targets
+    }
+    try:
+        wait(states.values())
+    except KeyboardInterrupt:
+        cancel_active_builds()
+        wait(states.values())
+        raise
+    finally:
+        pool.shutdown(wait=False)
     return [asdict(_result(target, future.result())) for target, future in states.items()]
+
+
+def cancel_active_builds() -> None:
+    """Ctrl-C reaches the main thread only: mark the builds cancelled and release what they hold, newest first.
+
+    Their threads then fail at their next cloud or SSH call and record the cancellation themselves.
+    """
+    CANCELLED.set()
+    for plan in list(_ACTIVE.values()):
+        release_open(plan)
 
 
 def _result(target: str, state) -> TargetResult:  # noqa: ANN001 - a Prefect State
