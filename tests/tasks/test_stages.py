@@ -100,7 +100,8 @@ def test_ledger_row_is_written_before_the_call_and_released_when_the_body_fails(
 def test_release_open_undoes_newest_first_and_keeps_other_roles():
     cloud = RecordingCloud()
     plan = new_plan(cloud)
-    for kind, cloud_id, role in [("keypair", "k-1", "build"), ("instance", "i-1", "build"), ("image", "img-1", "image")]:
+    made = [("keypair", "k-1", "build"), ("instance", "i-1", "build"), ("image", "img-1", "image")]
+    for kind, cloud_id, role in made:
         with ledgered(plan, kind=kind, name=cloud_id, role=role) as created:
             created(cloud_id)
     assert release_open(plan, role="build") == []
