@@ -59,10 +59,11 @@ def test_run_streams_each_line_to_the_log_as_it_arrives(sshd: SshServer) -> None
 
 def test_non_zero_exit_raises_command_failed_with_the_last_20_lines(sshd: SshServer) -> None:
     with open_session(sshd) as session, pytest.raises(ssh.CommandFailed) as failure:
-        session.run("seq 1 50; echo oops >&2; exit 3", timeout=30)
+        # stdout and stderr arrive on separate streams: the pause fixes their order in the tail
+        session.run("seq 1 50; sleep 0.5; echo oops >&2; exit 3", timeout=30)
     error = failure.value
     assert error.exit_code == 3
-    assert error.command_label == "seq 1 50; echo oops >&2; exit 3"
+    assert error.command_label == "seq 1 50; sleep 0.5; echo oops >&2; exit 3"
     lines = error.tail.splitlines()
     assert len(lines) == 20
     assert lines[-1] == "oops"
