@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import http.client
 import io
+import json
 import logging
 import math
 import re
@@ -295,21 +296,51 @@ class GuestSession:
         return sorted(packages)
 
     def wait_cloud_init(self, timeout: float) -> str:
-        """Block until cloud-init is done (if the guest has it); its errors fail, a degraded run warns."""
+        """Block until cloud-init is done (if the guest has it); its errors fail, recoverable ones warn.
+
+        When /run/cloud-init/result.json exists cloud-init has finished (its final stage writes it last),
+        and reading it spares a `cloud-init status` run, several seconds of Python under TCG; otherwise
+        `cloud-init status --wait --long` waits for it.
+        """
         result = self.run(
-            "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait >/dev/null 2>&1; rc=$?; "
-            "cloud-init status --long; exit $rc; else echo 'status: no cloud-init'; fi",
+            f"if [ -e {CLOUD_INIT_RESULT} ]; then echo {_RESULT_MARKER}; cat {CLOUD_INIT_RESULT}; "
+            "elif command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait --long; "
+            "else echo 'status: no cloud-init'; fi",
             sudo=False,
             timeout=timeout,
             check=False,
             label="cloud-init status --wait",
         )
-        status = result.stdout.strip()
-        if result.exit_code == 2:
-            log.warning("cloud-init finished with recoverable errors on %s:%s:\n%s", self.host, self.port, status)
-        elif result.exit_code != 0:
-            raise CloudError(f"cloud-init failed on the guest (exit {result.exit_code}):\n{status}")
-        return status
+        output = result.stdout.strip()
+        exit_code = result.exit_code
+        if output.startswith(_RESULT_MARKER):
+            exit_code, output = _cloud_init_result(output.removeprefix(_RESULT_MARKER).strip())
+        output = output.lstrip(".").strip()  # --wait prints a dot per poll
+        if exit_code == 2:
+            log.warning("cloud-init finished with recoverable errors on %s:%s:\n%s", self.host, self.port, output)
+        elif exit_code != 0:
+            raise CloudError(f"cloud-init failed on the guest (exit {exit_code}):\n{output}")
+        return output
+
+
+CLOUD_INIT_RESULT = "/run/cloud-init/result.json"
+_RESULT_MARKER = "KILN-CLOUD-INIT-RESULT"
+
+
+def _cloud_init_result(text: str) -> tuple[int, str]:
+    """result.json → the exit code `cloud-init status` would give (0 done, 1 errors, 2 recoverable) and a summary."""
+    try:
+        v1 = json.loads(text)["v1"]
+    except (ValueError, KeyError, TypeError):
+        return 1, f"unreadable {CLOUD_INIT_RESULT}: {text[:500]}"
+    errors = v1.get("errors") or []
+    recoverable = v1.get("recoverable_errors") or {}
+    summary = f"status: {'error' if errors else 'done'}\ndatasource: {v1.get('datasource')}"
+    if errors:
+        return 1, summary + "\nerrors:\n" + "\n".join(f"  {e}" for e in errors)
+    if recoverable:
+        return 2, summary + f"\nrecoverable errors: {json.dumps(recoverable)[:2000]}"
+    return 0, summary
 
 
 def connect(

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import http.server
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -301,6 +302,26 @@ def test_fingerprints_are_also_computed_from_the_host_keys_block() -> None:
     text = f"-----BEGIN SSH HOST KEY KEYS-----\nssh-ed25519 {blob} root@guest\n-----END SSH HOST KEY KEYS-----\n"
     expected = "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()).decode().rstrip("=")
     assert ssh.host_key_fingerprints_from_console(text) == [expected] == [key.fingerprint]
+
+
+# -- cloud-init's result ----------------------------------------------------------------------------------
+
+
+def test_cloud_init_result_json_maps_to_status_exit_codes() -> None:
+    done = '{"v1": {"datasource": "DataSourceNoCloud [seed=/dev/vdb]", "errors": []}}'
+    assert ssh._cloud_init_result(done) == (0, "status: done\ndatasource: DataSourceNoCloud [seed=/dev/vdb]")
+    failed_code, failed = ssh._cloud_init_result('{"v1": {"datasource": null, "errors": ["cc_users: boom"]}}')
+    assert failed_code == 1 and "cc_users: boom" in failed
+    recoverable = '{"v1": {"datasource": "x", "errors": [], "recoverable_errors": {"WARNING": ["w"]}}}'
+    assert ssh._cloud_init_result(recoverable)[0] == 2
+    assert ssh._cloud_init_result("{not json")[0] == 1
+
+
+def test_wait_cloud_init_on_a_host_without_cloud_init_says_so(sshd: SshServer) -> None:
+    if Path(ssh.CLOUD_INIT_RESULT).exists() or shutil.which("cloud-init"):
+        pytest.skip("this host runs cloud-init itself")
+    with open_session(sshd) as session:
+        assert session.wait_cloud_init(timeout=60) == "status: no cloud-init"
 
 
 # -- probes -------------------------------------------------------------------------------------------------
