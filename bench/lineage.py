@@ -52,22 +52,49 @@ def synthetic_rows(images: int, depth: int, seed: int = 7) -> tuple[list[dict], 
     next_id = 1
     for tree in range(trees):
         version_id = tree + 1
-        versions.append({"id": version_id, "name": f"recipe-{tree}", "version": "1.0.0", "fingerprint": f"{tree:064x}",
-                         "repo": "/src", "commit": f"{tree:040x}", "branch": "main", "dirty": False, "in_git": True,
-                         "path": f"recipes/r{tree}.yaml", "recipe_json": "{}", "created": now})
+        versions.append(
+            {
+                "id": version_id,
+                "name": f"recipe-{tree}",
+                "version": "1.0.0",
+                "fingerprint": f"{tree:064x}",
+                "repo": "/src",
+                "commit": f"{tree:040x}",
+                "branch": "main",
+                "dirty": False,
+                "in_git": True,
+                "path": f"recipes/r{tree}.yaml",
+                "recipe_json": "{}",
+                "created": now,
+            }
+        )
         levels: list[list[int]] = [[next_id]]
         rows.append(_image(next_id, None, None, "base", now))
         next_id += 1
-        per_level = [(TREE_SIZE - 1) // (depth - 1) + (1 if i < (TREE_SIZE - 1) % (depth - 1) else 0)
-                     for i in range(depth - 1)]
+        per_level = [
+            (TREE_SIZE - 1) // (depth - 1) + (1 if i < (TREE_SIZE - 1) % (depth - 1) else 0) for i in range(depth - 1)
+        ]
         for count in per_level:
             level = []
             for _ in range(count):
                 build_id = uuid.UUID(int=rng.getrandbits(128)).hex
-                builds.append({"id": build_id, "recipe_version_id": version_id, "target": "local", "cloud": "local",
-                               "region": "", "trigger": "test", "status": "succeeded", "started": now,
-                               "finished": now, "kiln_version": "bench", "host": "bench", "pid": 1,
-                               "parameters_json": "{}"})
+                builds.append(
+                    {
+                        "id": build_id,
+                        "recipe_version_id": version_id,
+                        "target": "local",
+                        "cloud": "local",
+                        "region": "",
+                        "trigger": "test",
+                        "status": "succeeded",
+                        "started": now,
+                        "finished": now,
+                        "kiln_version": "bench",
+                        "host": "bench",
+                        "pid": 1,
+                        "parameters_json": "{}",
+                    }
+                )
                 rows.append(_image(next_id, rng.choice(levels[-1]), build_id, "built", now))
                 level.append(next_id)
                 next_id += 1
@@ -76,10 +103,24 @@ def synthetic_rows(images: int, depth: int, seed: int = 7) -> tuple[list[dict], 
 
 
 def _image(row_id: int, parent: int | None, build_id: str | None, kind: str, now: dt.datetime) -> dict:
-    return {"id": row_id, "cloud": "local", "region": "", "image_id": f"img-{row_id:012x}", "name": "",
-            "format": "qcow2", "size": 1 << 30, "sha256": f"{row_id:064x}", "parent_id": parent,
-            "build_id": build_id, "kind": kind, "status": "available", "revoked_reason": None, "path": "",
-            "tags_json": "{}", "created": now}
+    return {
+        "id": row_id,
+        "cloud": "local",
+        "region": "",
+        "image_id": f"img-{row_id:012x}",
+        "name": "",
+        "format": "qcow2",
+        "size": 1 << 30,
+        "sha256": f"{row_id:064x}",
+        "parent_id": parent,
+        "build_id": build_id,
+        "kind": kind,
+        "status": "available",
+        "revoked_reason": None,
+        "path": "",
+        "tags_json": "{}",
+        "created": now,
+    }
 
 
 def load(url: str, images: int, depth: int) -> int:
@@ -90,9 +131,9 @@ def load(url: str, images: int, depth: int) -> int:
     with store.engine(url).begin() as conn:
         conn.execute(insert(RecipeVersion.__table__), versions)
         for start in range(0, len(builds), 10_000):
-            conn.execute(insert(Build.__table__), builds[start:start + 10_000])
+            conn.execute(insert(Build.__table__), builds[start : start + 10_000])
         for start in range(0, len(rows), 10_000):
-            conn.execute(insert(Image.__table__), rows[start:start + 10_000])
+            conn.execute(insert(Image.__table__), rows[start : start + 10_000])
         conn.execute(text("ANALYZE"))  # fresh statistics, as a long-lived database has
     return len(rows)
 
@@ -113,8 +154,16 @@ def measure(url: str, label: str, images: int, depth: int, samples: int) -> Line
             timings.append((time.perf_counter() - started) * 1000)
             most_up, most_down = max(most_up, len(up)), max(most_down, len(down))
         timings.sort()
-        return LineageFigures(label, count, depth, samples, round(statistics.median(timings), 2),
-                              round(timings[int(0.95 * (len(timings) - 1))], 2), most_up, most_down)
+        return LineageFigures(
+            label,
+            count,
+            depth,
+            samples,
+            round(statistics.median(timings), 2),
+            round(timings[int(0.95 * (len(timings) - 1))], 2),
+            most_up,
+            most_down,
+        )
     finally:
         store.dispose(url)
         os.environ.pop("KILN_DATABASE_URL", None)
@@ -139,11 +188,30 @@ def throwaway_postgres() -> Iterator[str]:
         port = probe.getsockname()[1]
     pid = None
     try:
-        subprocess.run([*as_owner, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                        "-E", "UTF8", "--no-locale"], check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                *as_owner,
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c fsync=off"
-        subprocess.run([*as_owner, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w",
-                        "start"], check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [*as_owner, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         pid = int((data / "postmaster.pid").read_text().split()[0])
         server = f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
         admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
@@ -153,8 +221,11 @@ def throwaway_postgres() -> Iterator[str]:
         yield f"{server}/kiln_bench"
     finally:
         if pid is not None:
-            stopped = subprocess.run([*as_owner, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                                     capture_output=True, timeout=60)
+            stopped = subprocess.run(
+                [*as_owner, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                capture_output=True,
+                timeout=60,
+            )
             if stopped.returncode != 0:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
@@ -172,8 +243,11 @@ def main(argv: list[str] | None = None) -> list[LineageFigures]:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as work:
         sqlite = measure(f"sqlite:///{work}/lineage.db", "sqlite", args.images, args.depth, args.samples)
         figures.append(sqlite)
-        _print(sqlite, f" (target p50 <= {TARGET_SQLITE_P50_MS:.0f} ms: "
-                       f"{'met' if sqlite.p50_ms <= TARGET_SQLITE_P50_MS else 'MISSED'})")
+        _print(
+            sqlite,
+            f" (target p50 <= {TARGET_SQLITE_P50_MS:.0f} ms: "
+            f"{'met' if sqlite.p50_ms <= TARGET_SQLITE_P50_MS else 'MISSED'})",
+        )
     if not args.no_postgres:
         with throwaway_postgres() as url:
             postgres = measure(url, "postgresql", args.images, args.depth, args.samples)
@@ -183,8 +257,11 @@ def main(argv: list[str] | None = None) -> list[LineageFigures]:
 
 
 def _print(figures: LineageFigures, verdict: str) -> None:
-    print(f"lineage on {figures.database}: {figures.images} images, depth {figures.depth}: ancestors + descendants "
-          f"p50 {figures.p50_ms} ms, p95 {figures.p95_ms} ms over {figures.samples} images{verdict}", flush=True)
+    print(
+        f"lineage on {figures.database}: {figures.images} images, depth {figures.depth}: ancestors + descendants "
+        f"p50 {figures.p50_ms} ms, p95 {figures.p95_ms} ms over {figures.samples} images{verdict}",
+        flush=True,
+    )
     print(f"  {asdict(figures)}", flush=True)
 
 
