@@ -547,13 +547,23 @@ class EC2Cloud:
         return copy
 
     def share_image(self, image: ImageRef, accounts: list[str]) -> None:
-        """Give the AWS accounts launch permission on the AMI."""
+        """Give the AWS accounts launch permission on the AMI and createVolumePermission on its snapshots.
+
+        Launch permission alone lets them run the AMI; without access to the snapshots they cannot copy it
+        (to another region or to keep it should this account deregister it) or make volumes from it.
+        """
         if not accounts:
             return
-        self.ec2(image.region or self.region).modify_image_attribute(
+        region = image.region or self.region
+        ec2 = self.ec2(region)
+        ec2.modify_image_attribute(
             ImageId=image.image_id,
             LaunchPermission={"Add": [{"UserId": account} for account in accounts]},
         )
+        for snapshot_id in snapshot_ids(self._image_by_id(image.image_id, region)):
+            ec2.modify_snapshot_attribute(
+                SnapshotId=snapshot_id, Attribute="createVolumePermission", OperationType="add", UserIds=accounts
+            )
 
     def launch_permissions(self, image: ImageRef) -> list[str]:
         """The account ids that may launch the AMI."""
@@ -561,6 +571,17 @@ class EC2Cloud:
             ImageId=image.image_id, Attribute="launchPermission"
         )
         return sorted(p["UserId"] for p in attribute.get("LaunchPermissions", []) if "UserId" in p)
+
+    def volume_permissions(self, image: ImageRef) -> dict[str, list[str]]:
+        """For each snapshot behind the AMI, the account ids that may create volumes from it (copy it)."""
+        region = image.region or self.region
+        ec2 = self.ec2(region)
+        found: dict[str, list[str]] = {}
+        for snapshot_id in snapshot_ids(self._image_by_id(image.image_id, region)):
+            attribute = ec2.describe_snapshot_attribute(SnapshotId=snapshot_id, Attribute="createVolumePermission")
+            permissions = attribute.get("CreateVolumePermissions", [])
+            found[snapshot_id] = sorted(p["UserId"] for p in permissions if "UserId" in p)
+        return found
 
     def replicate(
         self, image: ImageRef, regions: Iterable[str], share_with: Iterable[str], tags: dict[str, str]

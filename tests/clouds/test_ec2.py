@@ -268,7 +268,7 @@ def test_delete_image_deregisters_and_deletes_its_snapshots_and_is_idempotent(ec
     assert not remaining & set(snapshots)
 
 
-def test_replicate_copies_to_each_region_with_tags_and_shares_every_copy(ec2, base):
+def test_replicate_copies_to_each_region_with_tags_and_shares_every_copy_and_its_snapshots(ec2, base):
     image = built_image(ec2, base)
     image_tags = {**TAGS, TAG_ROLE: "image"}
 
@@ -281,6 +281,8 @@ def test_replicate_copies_to_each_region_with_tags_and_shares_every_copy(ec2, ba
     assert {t["Key"]: t["Value"] for t in described["Tags"]} == {**image_tags, "Name": image.name}
     for each in (image, copy):
         assert ec2.launch_permissions(each) == ["111122223333", "444455556666"]
+        snapshots = ec2.volume_permissions(each)  # so the accounts can copy the AMI, not only launch it
+        assert snapshots and all(accounts == ["111122223333", "444455556666"] for accounts in snapshots.values())
     copy_snapshots = ec2.ec2(OTHER).describe_snapshots(SnapshotIds=copy.details["snapshots"])["Snapshots"]
     assert all({t["Key"]: t["Value"] for t in s["Tags"]}[TAG_ROLE] == "image" for s in copy_snapshots)
 
