@@ -437,3 +437,36 @@ def audits_of(image_row_id: int) -> list[Audit]:
     query = select(Audit).where(Audit.image_row_id == image_row_id).order_by(Audit.started.desc(), Audit.id.desc())
     with _session() as session:
         return list(session.exec(query).all())
+
+
+# ------------------------------------------------------------------------------- reads `kiln gc` needs
+
+
+def builds_by_id(build_ids: list[str]) -> dict[str, BuildSummary]:
+    """The builds with these exact ids (with their recipe versions); unknown ids are absent."""
+    if not build_ids:
+        return {}
+    query = (
+        select(Build, RecipeVersion)
+        .join(RecipeVersion, Build.recipe_version_id == RecipeVersion.id)
+        .where(Build.id.in_(sorted(set(build_ids))))
+    )
+    with _session() as session:
+        return {b.id: BuildSummary(build=b, recipe=r) for b, r in session.exec(query).all()}
+
+
+def recorded_cloud_targets(clouds: tuple[str, ...] = ("ec2", "openstack")) -> list[tuple[str, dict[str, Any]]]:
+    """(target name, target spec) of every distinct target on these clouds that some recorded build used."""
+    query = (
+        select(Build.target, RecipeVersion.recipe_json)
+        .join(RecipeVersion, Build.recipe_version_id == RecipeVersion.id)
+        .where(Build.cloud.in_(clouds))
+        .distinct()
+    )
+    seen: dict[str, tuple[str, dict[str, Any]]] = {}
+    with _session() as session:
+        for target, recipe_json in session.exec(query).all():
+            spec = json.loads(recipe_json or "{}").get("targets", {}).get(target)
+            if spec is not None:
+                seen.setdefault(json.dumps([target, spec], sort_keys=True), (target, spec))
+    return list(seen.values())

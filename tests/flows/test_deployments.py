@@ -25,7 +25,8 @@ async def _read(api_url: str) -> tuple:
         async with get_client() as client:
             build = await client.read_deployment_by_name("build-recipe/build-image")
             nightly = await client.read_deployment_by_name("nightly-rebuild/nightly-rebuild")
-            return build, nightly
+            reaper = await client.read_deployment_by_name("reaper/reaper")
+            return build, nightly, reaper
 
 
 def test_prefect_yaml_deploys_build_and_nightly_against_a_server(tmp_path):
@@ -33,7 +34,7 @@ def test_prefect_yaml_deploys_build_and_nightly_against_a_server(tmp_path):
         env = server_env(tmp_path, api_url)
         _prefect(["work-pool", "create", "kiln", "--type", "process"], env)
         _prefect(["deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env)
-        build, nightly = asyncio.run(_read(api_url))
+        build, nightly, reaper = asyncio.run(_read(api_url))
 
     assert build.entrypoint == "flows.build:build_recipe"
     request = build.parameter_openapi_schema["definitions"]["BuildRequest"]["properties"]
@@ -44,3 +45,6 @@ def test_prefect_yaml_deploys_build_and_nightly_against_a_server(tmp_path):
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.schedules[0].schedule.timezone == "UTC"
     assert nightly.entrypoint == "flows.nightly:nightly_rebuild"
+    assert reaper.entrypoint == "flows.reaper:reaper"
+    assert [s.schedule.cron for s in reaper.schedules] == ["17 * * * *"]
+    assert reaper.parameters == {"older_than": "15m"}
