@@ -87,17 +87,22 @@ def act_on_cloud(row: RevokedImage) -> CloudAction:
     except Exception as exc:  # credentials or endpoint missing: provenance is revoked all the same
         action.outcome, action.detail = "failed", f"could not open {row.cloud}: {describe(exc)}"
         return action
-    flag = _revocation_call(cloud, row)
-    if flag is None:
-        action.outcome = "unsupported"
-        action.detail = f"the {row.cloud} backend offers no revocation; revoked in provenance only"
-        return action
     try:
+        flag = _revocation_call(cloud, row)
+        if flag is None:
+            action.outcome = "unsupported"
+            action.detail = f"the {row.cloud} backend offers no revocation; revoked in provenance only"
+            return action
         flag()
     except Exception as exc:
         action.outcome, action.detail = "failed", describe(exc)
         return action
+    finally:
+        if callable(getattr(cloud, "close", None)):
+            cloud.close()
     action.outcome = "flagged"
+    if row.region:
+        action.detail = f"on {row.region}"
     return action
 
 
@@ -136,15 +141,32 @@ def _is_cloud_object(row: RevokedImage) -> bool:
 
 
 def _open_cloud_of(row: RevokedImage) -> Any:
-    """The backend the image's build used (its recipe target), or the default local cloud for a local image."""
-    build = lineage.get_build(row.build_id) if row.build_id else None
-    if build is not None:
-        targets = json.loads(build.recipe.recipe_json).get("targets", {})
-        spec = targets.get(build.build.target)
-        if spec is not None:
-            return open_cloud(TypeAdapter(Target).validate_python(spec))
+    """The backend that holds the image. An OpenStack image lives on the clouds.yaml entry its row's region
+    names — a Glance copy published from a local build is not on the build's target; any other image is on
+    its build's recipe target (opened with the target's name, which an OpenStack target without os_cloud uses
+    as its entry), else a local image on the default local cloud."""
+    target, target_name = _build_target(row)
+    if row.cloud == "openstack":
+        from clouds.openstack import OpenStackCloud
+
+        if target is not None and target.cloud == "openstack" and target.effective_os_cloud(target_name) == row.region:
+            return open_cloud(target, target_name=target_name)  # the target's own settings (flavor, share_with…)
+        return OpenStackCloud(row.region)
+    if target is not None and target.cloud == row.cloud:
+        return open_cloud(target, target_name=target_name)
     if row.cloud == "local":
         from clouds.local import LocalCloud
 
         return LocalCloud()
     return None
+
+
+def _build_target(row: RevokedImage) -> tuple[Any, str]:
+    """The recipe target (and its name) of the build that made the image; (None, "") when there is none."""
+    build = lineage.get_build(row.build_id) if row.build_id else None
+    if build is None:
+        return None, ""
+    spec = json.loads(build.recipe.recipe_json).get("targets", {}).get(build.build.target)
+    if spec is None:
+        return None, ""
+    return TypeAdapter(Target).validate_python(spec), build.build.target
