@@ -29,7 +29,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import boto3
 import botocore.exceptions
@@ -645,8 +645,24 @@ class EC2Cloud:
             self.delete_image(ImageRef(cloud=self.name, image_id=resource.resource_id, name="", region=region))
         elif resource.kind == "snapshot":
             self._delete_snapshot(resource.resource_id, region)
+        elif resource.kind == "import-task":
+            self._release_import(resource.resource_id, region)
+        elif resource.kind == "object":
+            bucket, _, key = resource.resource_id.removeprefix("s3://").partition("/")
+            self.client("s3", region).delete_object(Bucket=bucket, Key=key)
         else:
             raise CloudError(f"the ec2 cloud has no {resource.kind!r} resources to release")
+
+    def _release_import(self, task_id: str, region: str) -> None:
+        """Cancel a VM Import task still running; a finished one's snapshot is deleted."""
+        importer = self.vm_import_client(region)
+        detail = _import_detail(importer, task_id)
+        status = detail.get("Status", "")
+        if status not in (IMPORT_DONE, *IMPORT_FAILED, ""):
+            importer.cancel_import_task(ImportTaskId=task_id)  # else it would still make a snapshot later
+            log.info("cancelled import task %s in %s", task_id, region)
+        if detail.get("SnapshotId"):
+            self._delete_snapshot(detail["SnapshotId"], region)
 
     def _delete_key_pair(self, key_pair: str, region: str) -> None:
         """By id (key-…) or name; EC2 deletes by name, so an id is looked up first."""
@@ -687,6 +703,50 @@ def snapshot_ids(image: dict[str, Any]) -> list[str]:
 # -- publishing a local build --------------------------------------------------------------------------------
 
 
+class PublishLedger(Protocol):
+    """Where publish_disk writes what it is about to create (before the call) and what it created."""
+
+    def intent(self, kind: str, name: str) -> Any: ...
+
+    def created(self, handle: Any, cloud_id: str) -> None: ...
+
+    def released(self, handle: Any) -> None: ...
+
+
+class _NoLedger:
+    def intent(self, kind: str, name: str) -> None:
+        return None
+
+    def created(self, handle: Any, cloud_id: str) -> None:
+        pass
+
+    def released(self, handle: Any) -> None:
+        pass
+
+
+ESP_TYPE_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"  # EFI System Partition
+
+
+def boot_mode_of(raw_disk: Path | str) -> str:
+    """legacy-bios for an MBR disk, uefi for a GPT disk with an EFI System Partition (read from the disk itself)."""
+    with Path(raw_disk).open("rb") as disk:
+        mbr = disk.read(512)
+        if len(mbr) < 512 or mbr[510:512] != b"\x55\xaa" or mbr[450] != 0xEE:  # no protective MBR: not GPT
+            return "legacy-bios"
+        header = disk.read(512)
+        if header[:8] != b"EFI PART":
+            return "legacy-bios"
+        entries_lba = int.from_bytes(header[72:80], "little")
+        count = int.from_bytes(header[80:84], "little")
+        size = int.from_bytes(header[84:88], "little")
+        disk.seek(entries_lba * 512)
+        table = disk.read(min(count, 256) * size)
+    for offset in range(0, len(table) - size + 1, size):
+        if str(uuid.UUID(bytes_le=table[offset : offset + 16])).upper() == ESP_TYPE_GUID:
+            return "uefi"
+    return "uefi-preferred"  # GPT without an ESP: BIOS boot partition or a hybrid; let the instance type decide
+
+
 def publish_disk(
     cloud: EC2Cloud,
     raw_disk: Path | str,
@@ -694,27 +754,36 @@ def publish_disk(
     bucket: str,
     name: str,
     tags: dict[str, str],
-    boot_mode: str = "legacy-bios",
+    boot_mode: str | None = None,
     architecture: str = "x86_64",
     timeout: float = 3600,
     progress: Callable[[str], None] = log.info,
+    ledger: PublishLedger | None = None,
 ) -> ImageRef:
-    """Publish a local raw disk as an AMI: upload to S3, import_snapshot, register_image; the S3 object is
-    removed whatever happens, and the snapshot too if the AMI cannot be registered.
+    """Publish a local raw disk as an AMI: upload to S3, import_snapshot, register_image (BootMode from the disk
+    unless given). The S3 object is removed whatever happens; a failed or interrupted import is cancelled and its
+    snapshot deleted. Each object is written to `ledger` before the call that creates it, so a killed publish
+    leaves rows `kiln gc` can release (the import task also carries the kiln tags).
 
     The account needs the `vmimport` service role with read access to the bucket (AWS VM Import/Export).
     """
     raw_disk = Path(raw_disk)
+    ledger = ledger or _NoLedger()
+    boot_mode = boot_mode or boot_mode_of(raw_disk)
     if boot_mode not in ("legacy-bios", "uefi", "uefi-preferred"):
         raise ValueError(f"boot_mode must be legacy-bios, uefi or uefi-preferred, not {boot_mode!r}")
     s3 = cloud.client("s3")
     key = f"kiln-import/{name}-{uuid.uuid4().hex[:8]}.raw"
-    progress(f"uploading {raw_disk} ({raw_disk.stat().st_size} bytes) to s3://{bucket}/{key}")
-    s3.upload_file(str(raw_disk), bucket, key, ExtraArgs={"Tagging": urllib.parse.urlencode(tags)})
+    location = f"s3://{bucket}/{key}"
+    upload = ledger.intent("object", location)
     try:
-        snapshot_id = import_snapshot(cloud, bucket, key, name, tags, timeout, progress)
+        progress(f"uploading {raw_disk} ({raw_disk.stat().st_size} bytes) to {location}")
+        s3.upload_file(str(raw_disk), bucket, key, ExtraArgs={"Tagging": urllib.parse.urlencode(tags)})
+        ledger.created(upload, location)
+        snapshot_id = import_snapshot(cloud, bucket, key, name, tags, timeout, progress, ledger)
     finally:
-        s3.delete_object(Bucket=bucket, Key=key)
+        s3.delete_object(Bucket=bucket, Key=key)  # S3 deletes are idempotent: nothing uploaded is fine too
+        ledger.released(upload)
     ec2 = cloud.ec2()
     try:
         ec2.create_tags(Resources=[snapshot_id], Tags=tag_list({**tags, "Name": name}))
@@ -736,32 +805,57 @@ def publish_disk(
         cloud._delete_snapshot(snapshot_id, cloud.region)
         raise
     image = cloud._finish_image(image_id, name, cloud.region, {**tags, "Name": name}, timeout)
-    progress(f"registered {image_id} from snapshot {snapshot_id}")
+    progress(f"registered {image_id} ({boot_mode}) from snapshot {snapshot_id}")
     return image
 
 
 def import_snapshot(
     cloud: EC2Cloud, bucket: str, key: str, name: str, tags: dict[str, str], timeout: float,
-    progress: Callable[[str], None],
+    progress: Callable[[str], None], ledger: PublishLedger | None = None,
 ) -> str:  # fmt: skip
-    """import_snapshot from S3 and poll the task until it yields a snapshot id."""
+    """import_snapshot from S3 (the task tagged, ledgered before the call) and poll until it yields a snapshot.
+
+    On failure, timeout or interruption the task is released: cancelled while active, its snapshot deleted.
+    """
+    ledger = ledger or _NoLedger()
     importer = cloud.vm_import_client()
-    task_id = importer.import_snapshot(
-        Description=f"kiln {name}",
-        DiskContainer={"Description": name, "Format": "RAW", "UserBucket": {"S3Bucket": bucket, "S3Key": key}},
-        TagSpecifications=[{"ResourceType": "import-snapshot-task", "Tags": tag_list(tags)}],
-    )["ImportTaskId"]
+    row = ledger.intent("import-task", f"s3://{bucket}/{key}")
+    task_id = ""
+    try:
+        task_id = importer.import_snapshot(
+            Description=f"kiln {name}",
+            DiskContainer={"Description": name, "Format": "RAW", "UserBucket": {"S3Bucket": bucket, "S3Key": key}},
+            ClientToken=f"kiln-{key}",  # a retried call does not start a second import
+            TagSpecifications=[{"ResourceType": "import-snapshot-task", "Tags": tag_list(tags)}],
+        )["ImportTaskId"]
+        ledger.created(row, task_id)
+        snapshot_id = _await_import(cloud, importer, task_id, f"s3://{bucket}/{key}", timeout, progress)
+    except BaseException:
+        if task_id:
+            cloud.release(Resource(cloud.name, "import-task", task_id, region=cloud.region))
+        ledger.released(row)
+        raise
+    ledger.released(row)  # its snapshot is tagged and becomes the AMI's: the caller owns it now
+    return snapshot_id
+
+
+def _await_import(
+    cloud: EC2Cloud, importer: Any, task_id: str, source: str, timeout: float, progress: Callable[[str], None]
+) -> str:
     deadline = time.monotonic() + timeout
     while True:
-        tasks = importer.describe_import_snapshot_tasks(ImportTaskIds=[task_id])["ImportSnapshotTasks"]
-        detail = tasks[0].get("SnapshotTaskDetail", {}) if tasks else {}
+        detail = _import_detail(importer, task_id)
         status = detail.get("Status", "")
         if status == IMPORT_DONE and detail.get("SnapshotId"):
             return detail["SnapshotId"]
         if status in IMPORT_FAILED:
-            raise CloudError(f"import of s3://{bucket}/{key} ({task_id}) {status}: {detail.get('StatusMessage', '')}")
+            raise CloudError(f"import of {source} ({task_id}) {status}: {detail.get('StatusMessage', '')}")
         if time.monotonic() > deadline:
-            importer.cancel_import_task(ImportTaskId=task_id)  # else it would still make a snapshot later
-            raise CloudError(f"import of s3://{bucket}/{key} ({task_id}) not done within {timeout:.0f}s ({status})")
+            raise CloudError(f"import of {source} ({task_id}) not done within {timeout:.0f}s ({status})")
         progress(f"import {task_id}: {status} {detail.get('Progress', '')}%")
         time.sleep(cloud.poll_seconds)
+
+
+def _import_detail(importer: Any, task_id: str) -> dict[str, Any]:
+    tasks = importer.describe_import_snapshot_tasks(ImportTaskIds=[task_id])["ImportSnapshotTasks"]
+    return tasks[0].get("SnapshotTaskDetail", {}) if tasks else {}

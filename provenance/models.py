@@ -33,6 +33,7 @@ IMAGE_STATUSES = ("available", "revoked", "deleted", "parent-revoked")
 AUDIT_STATUSES = ("running", "passed", "differs", "failed")
 RESOURCE_KINDS = (
     "instance", "keypair", "security-group", "image", "snapshot", "floating-ip", "file", "process", "volume",
+    "import-task", "object",  # EC2 publish: a VM Import task, an S3 object (s3://bucket/key)
 )
 
 

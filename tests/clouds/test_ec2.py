@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
+import json
 import logging
+import subprocess
 import time
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import botocore.exceptions
@@ -15,9 +19,12 @@ from botocore.stub import ANY, Stubber
 
 from clouds import open_cloud
 from clouds.base import TAG_BUILD, TAG_ROLE, BaseImage, CloudError, ImageRef, KeyPair, Resource
-from clouds.ec2 import EC2Cloud, decode_console, publish_disk
-from kiln.recipe import BaseSpec, EC2Target, Timeouts
+from clouds.ec2 import EC2Cloud, boot_mode_of, decode_console, publish_disk
+from kiln.recipe import BaseSpec, EC2Target, Timeouts, load_recipe
+from provenance import gitinfo, lineage, store
+from tasks.publish import publish_image_to_ec2
 from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
+from tests.conftest import REPO
 
 REGION, OTHER = "us-east-1", "eu-west-1"
 TAGS = {TAG_BUILD: "0123456789abcdef", "kiln:recipe": "hello", TAG_ROLE: "build"}
@@ -362,17 +369,21 @@ def _imported_snapshot(ec2: EC2Cloud) -> str:
     return ec2.ec2().create_snapshot(VolumeId=volume, Description="imported")["SnapshotId"]
 
 
-def _stub_import(ec2: EC2Cloud, bucket: str, statuses: list[dict]) -> Stubber:
+def _stub_import(
+    ec2: EC2Cloud, bucket: str, statuses: list[dict], tags: dict[str, str] = TAGS, name: str = "hello-1.0.0"
+) -> Stubber:
+    """VM Import's answers (moto has no import_snapshot): the task, then each status the poll reads in turn."""
     stubber = Stubber(ec2.vm_import_client())
     stubber.add_response(
         "import_snapshot",
         {"ImportTaskId": "import-snap-0123456789abcdef0"},
         {
-            "Description": "kiln hello-1.0.0",
-            "DiskContainer": {"Description": "hello-1.0.0", "Format": "RAW",
+            "Description": f"kiln {name}",
+            "DiskContainer": {"Description": name, "Format": "RAW",
                               "UserBucket": {"S3Bucket": bucket, "S3Key": ANY}},
+            "ClientToken": ANY,
             "TagSpecifications": [{"ResourceType": "import-snapshot-task",
-                                   "Tags": [{"Key": k, "Value": v} for k, v in TAGS.items()]}],
+                                   "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
         },
     )  # fmt: skip
     for detail in statuses:
@@ -416,7 +427,8 @@ def test_publish_uploads_imports_and_registers_a_tagged_ami_and_removes_the_uplo
 def test_a_failed_import_leaves_no_upload_and_no_image(ec2, bucket, tmp_path):
     disk = tmp_path / "hello.raw"
     disk.write_bytes(b"\0" * 4096)
-    stubber = _stub_import(ec2, bucket, [{"Status": "deleted", "StatusMessage": "ClientError: Disk validation failed"}])
+    failed = {"Status": "deleted", "StatusMessage": "ClientError: Disk validation failed"}
+    stubber = _stub_import(ec2, bucket, [failed, failed])  # the poll, then the release reading the task
 
     with stubber, pytest.raises(CloudError, match="Disk validation failed"):
         publish_disk(ec2, disk, bucket=bucket, name="hello-1.0.0", tags=TAGS)
@@ -439,6 +451,157 @@ def test_a_failed_registration_deletes_the_imported_snapshot(ec2, bucket, tmp_pa
 
     assert ec2.ec2().describe_snapshots(Filters=[{"Name": "snapshot-id", "Values": [snapshot_id]}])["Snapshots"] == []
     assert ec2.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_an_import_that_times_out_is_cancelled_and_its_ledger_rows_closed(ec2, bucket, tmp_path):
+    disk = tmp_path / "hello.raw"
+    disk.write_bytes(b"\0" * 4096)
+    active = {"Status": "active", "Progress": "10"}
+    stubber = _stub_import(ec2, bucket, [active, active])  # the poll (past its deadline), then the release
+    stubber.add_response("cancel_import_task", {"ImportTaskId": "import-snap-0123456789abcdef0"},
+                         {"ImportTaskId": "import-snap-0123456789abcdef0"})  # fmt: skip
+    ledger = RecordingLedger()
+
+    with stubber, pytest.raises(CloudError, match="not done within 0s"):
+        publish_disk(ec2, disk, bucket=bucket, name="hello-1.0.0", tags=TAGS, timeout=0, ledger=ledger)
+
+    stubber.assert_no_pending_responses()
+    assert ledger.events == [
+        ("intent", "object"), ("created", "object"), ("intent", "import-task"),
+        ("created", "import-task"), ("released", "import-task"), ("released", "object"),
+    ]  # fmt: skip
+    assert ec2.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+class RecordingLedger:
+    """publish_disk's ledger, as a list of what was written in which order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def intent(self, kind: str, name: str) -> str:
+        self.events.append(("intent", kind))
+        return kind
+
+    def created(self, handle: str, cloud_id: str) -> None:
+        self.events.append(("created", handle))
+
+    def released(self, handle: str) -> None:
+        self.events.append(("released", handle))
+
+
+def test_boot_mode_is_read_from_the_disk_legacy_bios_for_mbr_uefi_for_gpt_with_an_esp(tmp_path):
+    mbr, gpt = tmp_path / "mbr.raw", tmp_path / "gpt.raw"
+    for disk in (mbr, gpt):
+        with disk.open("wb") as handle:
+            handle.truncate(64 << 20)
+    subprocess.run(["sfdisk", "-q", str(mbr)], input="label: dos\n,,L,*\n", text=True, check=True)
+    subprocess.run(["sfdisk", "-q", str(gpt)], input="label: gpt\n,32M,U\n,,L\n", text=True, check=True)
+
+    assert boot_mode_of(mbr) == "legacy-bios"
+    assert boot_mode_of(gpt) == "uefi"
+
+
+def local_build_row(disk: Path) -> tuple[str, int, str]:
+    """A local image as kiln records it after a build: (image id, row id, build id), with a real build row."""
+    recipe = load_recipe(REPO / "recipes/hello.yaml")
+    version = store.record_recipe_version(
+        name=recipe.name, version=recipe.version, fingerprint=recipe.fingerprint(),
+        recipe_json=json.dumps(recipe.model_dump(mode="json"), sort_keys=True),
+        git=gitinfo.capture(recipe.path, recipe.referenced_files()),
+    )  # fmt: skip
+    build_id = store.start_build(recipe_version_id=version, target="local", cloud="local", trigger="test")
+    image_id = f"img-{uuid.uuid4().hex[:12]}"
+    tags = {TAG_BUILD: build_id, "kiln:recipe": "hello", TAG_ROLE: "image"}
+    row_id = store.record_image(
+        cloud="local", image_id=image_id, name="hello-1.0.0", format="qcow2", size=disk.stat().st_size,
+        sha256=hashlib.sha256(disk.read_bytes()).hexdigest(), path=str(disk), kind="built", tags=tags,
+        build_id=build_id,
+    )  # fmt: skip
+    store.finish_build(build_id, "succeeded")
+    return image_id, row_id, build_id
+
+
+@pytest.fixture
+def local_qcow2(tmp_path: Path) -> Path:
+    raw = tmp_path / "disk.raw"
+    subprocess.run(["truncate", "-s", "8M", str(raw)], check=True)
+    subprocess.run(["sfdisk", "-q", str(raw)], input="label: dos\n,,L,*\n", text=True, check=True)
+    path = tmp_path / "hello-1.0.0.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(path)], check=True)
+    return path
+
+
+def test_publish_image_to_ec2_registers_a_shared_ami_recorded_as_the_same_bits_as_the_local_image(
+    ec2, bucket, local_qcow2
+):
+    local_id, local_row, build_id = local_build_row(local_qcow2)
+    ec2.share_with = ["111122223333"]
+    published_tags = {TAG_BUILD: build_id, "kiln:recipe": "hello", TAG_ROLE: "published"}
+    snapshot_id = _imported_snapshot(ec2)
+    stubber = _stub_import(ec2, bucket, [{"Status": "completed", "SnapshotId": snapshot_id}], published_tags)
+
+    registered: list[dict] = []  # moto ignores BootMode (it reports its own default): read what kiln sent
+    ec2.ec2().meta.events.register("provide-client-params.ec2.RegisterImage",
+                                   lambda params, **_: registered.append(dict(params)))  # fmt: skip
+
+    with stubber:
+        publication = publish_image_to_ec2(local_id, ec2, bucket=bucket)
+
+    rows = {s.image.image_id: s.image for s in lineage.find_image(publication.image_id)}
+    published = rows[publication.image_id]
+    assert (published.kind, published.cloud, published.region) == ("published", "ec2", REGION)
+    assert published.parent_id == local_row and published.build_id == build_id
+    assert published.sha256 == hashlib.sha256(local_qcow2.read_bytes()).hexdigest() == publication.sha256
+    [described] = ec2.ec2().describe_images(ImageIds=[publication.image_id])["Images"]
+    assert [call["BootMode"] for call in registered] == ["legacy-bios"]  # read from the disk's MBR
+    assert {t["Key"]: t["Value"] for t in described["Tags"]} == {**published_tags, "Name": "hello-1.0.0"}
+    ref = ImageRef("ec2", publication.image_id, "", REGION)
+    assert ec2.launch_permissions(ref) == ["111122223333"]
+    assert list(ec2.volume_permissions(ref).values()) == [["111122223333"]]
+    assert ec2.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    assert store.open_resources(build_id) == []
+    kinds_ledgered = [r.kind for r in _ledger_rows(build_id)]
+    assert sorted(kinds_ledgered) == ["import-task", "object"]
+
+
+def _ledger_rows(build_id: str) -> list:
+    from sqlmodel import Session, select
+
+    from provenance.models import Resource as LedgerRow
+
+    with Session(store.engine()) as session:
+        return list(session.exec(select(LedgerRow).where(LedgerRow.build_id == build_id)).all())
+
+
+def test_kiln_publish_to_ec2_prints_the_ami_and_exits_2_without_a_bucket_or_for_an_unknown_image(
+    ec2, bucket, local_qcow2, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+
+    local_id, _, build_id = local_build_row(local_qcow2)
+    published_tags = {TAG_BUILD: build_id, "kiln:recipe": "hello", TAG_ROLE: "published"}
+    snapshot_id = _imported_snapshot(ec2)
+    stubber = _stub_import(ec2, bucket, [{"Status": "completed", "SnapshotId": snapshot_id}], published_tags)
+    monkeypatch.setattr(EC2Cloud, "vm_import_client", lambda self, region=None: stubber.client)
+    runner = CliRunner()
+    common = ["--to", "ec2", "--region", REGION, "--endpoint-url", ec2.endpoint_url]
+
+    no_bucket = runner.invoke(app, ["publish", local_id, *common])
+    unknown = runner.invoke(app, ["publish", "img-000000000000", *common, "--bucket", bucket])
+    with stubber:
+        done = runner.invoke(app, ["publish", local_id, *common, "--bucket", bucket, "--share", "111122223333",
+                                   "--json"])  # fmt: skip
+
+    assert no_bucket.exit_code == 2 and "--bucket is required" in no_bucket.output
+    assert unknown.exit_code == 2 and "no local image with this id" in unknown.output
+    assert done.exit_code == 0, done.output
+    publication = json.loads(done.stdout)
+    assert publication["cloud"] == "ec2" and publication["source_image_id"] == local_id
+    assert publication["shared_with"] == ["111122223333"]
+    assert ec2.ec2().describe_images(ImageIds=[publication["image_id"]])["Images"][0]["State"] == "available"
 
 
 # -- the target ---------------------------------------------------------------------------------------------
