@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -14,6 +17,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, TypeAdapter
 
 from clouds import open_cloud
+from flows.limits import limit_name_for, vm_slot
 from kiln import settings
 from kiln.recipe import Target, load_recipe
 from provenance import gitinfo, lineage, store
@@ -70,7 +74,8 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
         region=getattr(spec, "region", "") or "",
         trigger=trigger,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
-        parameters={"recipe": str(recipe_path), "target": target, "on_error": on_error},
+        parameters={"recipe": str(recipe_path), "target": target, "on_error": on_error,
+                    "worker": os.environ.get("PREFECT__WORKER_NAME")},  # set by a Prefect worker: kiln status
     )
     return BuildPlan(
         build_id=build_id,
@@ -119,12 +124,14 @@ def build_image(
     _ACTIVE[str(flow_run.id)] = plan
     try:
         base = fetch_base(plan)
-        guest = launch(plan, base.image)
-        wait_boot(plan, guest)
-        customize(plan, guest)
-        sanitize(plan, guest)
-        image = snapshot(plan, guest)
-        verification = verify(plan, image)
+        with holding_vm(plan):
+            guest = launch(plan, base.image)
+            wait_boot(plan, guest)
+            customize(plan, guest)
+            sanitize(plan, guest)
+            image = snapshot(plan, guest)
+        with holding_vm(plan):
+            verification = verify(plan, image)
         registered = register(plan, base, image, verification)
     except BaseException as exc:
         conclude_failure(plan, exc)
@@ -132,6 +139,19 @@ def build_image(
     store.finish_build(plan.build_id, "succeeded")
     _ACTIVE.pop(str(flow_run.id), None)
     return asdict(TargetResult(target, plan.build_id, "succeeded", registered.image_id, "register"))
+
+
+@contextmanager
+def holding_vm(plan: BuildPlan) -> Iterator[None]:
+    """One slot of the target cloud's kiln-vms-* limit while the body has a VM; a failure releases the VM
+    before the slot, so the cloud never runs more kiln VMs than its limit (--on-error abort keeps its guest)."""
+    with vm_slot(limit_name_for(plan.target, plan.target_name)):
+        try:
+            yield
+        except BaseException:
+            if plan.on_error != "abort" or CANCELLED.is_set():
+                release_open(plan)
+            raise
 
 
 class BuildRequest(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PREFECT = Path(sys.executable).with_name("prefect")
+# The per-cloud VM limits the tests' targets count against, set as a team would with `kiln limits set`.
+TEST_LIMITS = {"kiln-vms-local": 1, "kiln-vms-ec2-us-east-1": 2, "kiln-vms-openstack-kiln-test": 2}
 
 
 def free_port() -> int:
@@ -31,14 +34,17 @@ def server_env(home: Path, api_url: str | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def prefect_server(home: Path, timeout: float = 120) -> Iterator[str]:
-    """Yield the API URL of a fresh server; its process group is killed afterwards whatever happened."""
+def prefect_server(
+    home: Path, timeout: float = 120, limits: dict[str, int] | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Yield the API URL of a fresh server with kiln's VM limits (TEST_LIMITS unless given); its process group
+    is killed afterwards whatever happened. `env` adds settings (e.g. a PostgreSQL database for the server)."""
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     log = (home / "server.log").open("w")
     proc = subprocess.Popen(
         [str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**server_env(home), **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         deadline = time.monotonic() + timeout
@@ -52,6 +58,8 @@ def prefect_server(home: Path, timeout: float = 120) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
+        for name, limit in (TEST_LIMITS if limits is None else limits).items():
+            create_limit(api_url, name, limit)
         yield api_url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -61,3 +69,12 @@ def prefect_server(home: Path, timeout: float = 120) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def create_limit(api_url: str, name: str, limit: int) -> None:
+    """A global concurrency limit, straight through the REST API (no Prefect settings needed)."""
+    body = json.dumps({"name": name, "limit": limit}).encode()
+    request = urllib.request.Request(f"{api_url}/v2/concurrency_limits/", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status in (200, 201), response.read()

@@ -1,0 +1,148 @@
+"""Per-cloud caps on running VMs, as Prefect global concurrency limits named kiln-vms-<cloud>[-<region>].
+
+Every build holds one slot of its cloud's limit while it has a VM (launch → snapshot, and verify's boot), so
+however many workers run builds, a cloud never runs more kiln VMs than its limit. The limit must exist: on a
+Prefect server a missing one is an error telling the user to run `kiln limits set`; only on the ephemeral
+server that a lone `kiln build` starts does kiln create a missing limit with its documented default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+PREFIX = "kiln-vms-"
+# Defaults used only where kiln creates a missing limit itself (the ephemeral server): a QEMU guest under
+# TCG wants about two cores; a cloud's quota is the team's to set, four is a modest start.
+CLOUD_DEFAULTS = {"ec2": 4, "openstack": 4}
+LEASE_SECONDS = 600  # renewed in the background while the slot is held; frees the slot of a crashed worker
+
+
+class LimitMissing(RuntimeError):
+    """The cloud has no kiln-vms-* limit on this Prefect server."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    name: str
+    limit: int
+    active_slots: int
+    active: bool
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def limit_name(cloud: str, region: str = "") -> str:
+    """kiln-vms-local, kiln-vms-ec2-us-east-1, kiln-vms-openstack-<clouds.yaml entry>."""
+    return PREFIX + "-".join(_slug(part) for part in (cloud, region) if part)
+
+
+def limit_name_for(target: object, target_name: str) -> str:
+    """The limit a recipe target's VMs count against."""
+    cloud = target.cloud
+    if cloud == "ec2":
+        return limit_name(cloud, target.region)
+    if cloud == "openstack":
+        return limit_name(cloud, target.effective_os_cloud(target_name))
+    return limit_name(cloud)
+
+
+def normalize(cloud: str) -> str:
+    """`kiln limits set` takes 'local', 'ec2-us-east-1' or the full 'kiln-vms-…' name."""
+    cloud = cloud.strip()
+    name = cloud if cloud.startswith(PREFIX) else PREFIX + cloud
+    if name == PREFIX or _slug(name) != name:
+        raise ValueError(f"{cloud!r}: a limit name is local, ec2-<region> or openstack-<clouds.yaml entry> "
+                         "(lowercase letters, digits and dashes)")
+    return name
+
+
+def default_limit(name: str) -> int:
+    """local: one VM per two cores (at least one); a remote cloud: CLOUD_DEFAULTS."""
+    cloud = name.removeprefix(PREFIX).split("-", 1)[0]
+    if cloud == "local":
+        return max(1, (os.cpu_count() or 2) // 2)
+    return CLOUD_DEFAULTS.get(cloud, 1)
+
+
+def on_ephemeral_server() -> bool:
+    """True when no Prefect API is configured: this process talks to a temporary server of its own."""
+    from prefect.settings import get_current_settings
+
+    return not get_current_settings().api.url
+
+
+def set_limit(name: str, limit: int) -> Limit:
+    """Create or update one limit; returns it as the server now has it."""
+    if limit < 0:
+        raise ValueError(f"{name}: the limit must be 0 or more, not {limit}")
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, limit)
+        return _as_limit(client.read_global_concurrency_limit_by_name(name))
+
+
+def list_limits() -> list[Limit]:
+    """kiln's limits on the server, by name."""
+    found, offset = [], 0
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_global_concurrency_limits(limit=200, offset=offset)
+            found += [_as_limit(each) for each in page if each.name.startswith(PREFIX)]
+            if len(page) < 200:
+                return sorted(found, key=lambda each: each.name)
+            offset += 200
+
+
+def ensure_default(name: str) -> bool:
+    """Create `name` with its default unless it exists; True when created."""
+    if _exists(name):
+        return False
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=default_limit(name)))
+        except ObjectAlreadyExists:  # another build created it meanwhile
+            return False
+        return True
+
+
+@contextmanager
+def vm_slot(name: str) -> Iterator[None]:
+    """Hold one slot of `name` (waiting for a free one); a missing limit is an error, except on the ephemeral
+    server, where the default is created first."""
+    if on_ephemeral_server():
+        ensure_default(name)
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+
+    try:
+        with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_SECONDS):
+            yield
+    except ConcurrencySlotAcquisitionError:
+        if not _exists(name):
+            raise LimitMissing(
+                f"no concurrency limit {name!r} on the Prefect server: set how many VMs this cloud may run at "
+                f"once with `kiln limits set {name.removeprefix(PREFIX)} N` (default {default_limit(name)})"
+            ) from None
+        raise
+
+
+def _exists(name: str) -> bool:
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            return False
+    return True
+
+
+def _as_limit(response) -> Limit:  # noqa: ANN001 - prefect's GlobalConcurrencyLimitResponse
+    return Limit(response.name, response.limit, response.active_slots, response.active)
