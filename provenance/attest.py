@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 BUILD_TYPE = "https://kiln.dev/build-image/v1"  # what a kiln image build is: recipe + target on a base
 BUILDER_ID = "https://kiln.dev/builder/v1"
 CLOUD_ID_DIGEST = "kilnCloudImageId"
+KEY_ENV = "KILN_SIGNING_KEY"  # path of the ed25519 private key `kiln attest` and the register stage sign with
 
 
 class AttestationError(RuntimeError):
@@ -52,6 +54,12 @@ def generate_key(path: Path) -> Path:
     public_path = path.with_name(path.name + ".pub")
     public_path.write_bytes(_public_pem(key.public_key()))
     return public_path
+
+
+def configured_key() -> Path | None:
+    """The signing key KILN_SIGNING_KEY names, or None when it is unset (then nothing is signed automatically)."""
+    value = os.environ.get(KEY_ENV, "").strip()
+    return Path(value).expanduser() if value else None
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -127,11 +135,9 @@ def statement_for(image_id: str) -> dict[str, Any]:
             },
             "runDetails": {
                 "builder": {"id": BUILDER_ID, "version": {"kiln": build.kiln_version}},
-                "metadata": {
-                    "invocationId": build.id,
-                    "startedOn": _rfc3339(build.started),
-                    "finishedOn": _rfc3339(build.finished),
-                },
+                "metadata": _present(  # finishedOn is absent while the build still runs (the register stage)
+                    invocationId=build.id, startedOn=_rfc3339(build.started), finishedOn=_rfc3339(build.finished)
+                ),
                 "byproducts": [
                     {"name": f"probe:{probe.name}", "annotations": {"kind": probe.kind, "passed": probe.passed}}
                     for probe in detail.probes
@@ -139,6 +145,24 @@ def statement_for(image_id: str) -> dict[str, Any]:
             },
         },
     }
+
+
+def write_statement(image_id: str, key: Ed25519PrivateKey, out: Path) -> dict[str, Any]:
+    """Sign the image's statement with `key` and write the DSSE envelope to `out`; returns the envelope."""
+    envelope = sign(statement_for(image_id), key)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(envelope, indent=2) + "\n")
+    return envelope
+
+
+def statement_file_name(image_id: str) -> str:
+    """IMAGE.intoto.json, with anything but letters, digits, dot, dash and underscore replaced."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', image_id)}.intoto.json"
+
+
+def _present(**fields: Any) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 def _subject(row: Any) -> dict[str, Any]:

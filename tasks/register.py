@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from clouds.base import TAG_ROLE, ImageRef
 from kiln import settings
-from provenance import store
+from provenance import attest, store
 from tasks.common import BuildPlan, StepLog, hand_over, ledgered, stage
 from tasks.fetch_base import ResolvedBase
 from tasks.verify import Verification
@@ -134,6 +134,27 @@ def replicate(plan: BuildPlan, image: ImageRef, tags: dict[str, str], step_log: 
     return copies
 
 
+def statement_path(image: ImageRef) -> Path:
+    """Where the image's signed statement goes: next to its disk file, else beside its catalog entry."""
+    name = attest.statement_file_name(image.image_id)
+    if image.files:
+        return Path(image.files[0].path).parent / name
+    return settings.data_dir() / "catalog" / name
+
+
+def attest_image(image: ImageRef, step_log: StepLog) -> Path | None:
+    """With KILN_SIGNING_KEY set, sign the image's provenance statement (as `kiln attest` does) and write it
+    next to the image; None when no key is configured. An unreadable key fails the stage."""
+    key_path = attest.configured_key()
+    if key_path is None:
+        return None
+    key = attest.load_private_key(key_path)
+    out = statement_path(image)
+    envelope = attest.write_statement(image.image_id, key, out)
+    step_log(f"provenance statement {out} signed by key {envelope['signatures'][0]['keyid'][:16]} ({attest.KEY_ENV})")
+    return out
+
+
 @stage("register")
 def register(
     plan: BuildPlan, base: ResolvedBase, image: ImageRef, verification: Verification, *, step_log: StepLog
@@ -147,6 +168,9 @@ def register(
                            build_id=plan.build_id, parent_id=base.row_id, kind="copy", tags=tags)  # fmt: skip
     store.record_packages(row_id, verification.packages)
     entry = catalog_entry(plan, base, image, verification)
+    statement = attest_image(image, step_log)
+    if statement is not None:
+        entry["attestation"] = str(statement)
     catalog = write_catalog(entry)
     publish_artifacts(plan, entry)
     for each in (image, *copies):

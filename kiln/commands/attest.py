@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import NoReturn
 
@@ -16,7 +15,7 @@ from kiln.commands.records import _console
 from provenance import attest as statements
 from provenance.lineage import UnknownImage
 
-KEY_ENV = "KILN_SIGNING_KEY"
+KEY_ENV = statements.KEY_ENV
 errors = Console(stderr=True)
 
 
@@ -55,7 +54,7 @@ def _generate(path: Path) -> None:
 
 
 def _attest(image_id: str, key_path: Path | None, out: Path | None) -> None:
-    key_path = key_path or (Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else None)
+    key_path = key_path or statements.configured_key()
     if key_path is None:
         _fail(f"no signing key: pass --key FILE or set {KEY_ENV} (make one with kiln attest --generate-key FILE)", 2)
     try:
@@ -64,7 +63,7 @@ def _attest(image_id: str, key_path: Path | None, out: Path | None) -> None:
     except (statements.AttestationError, UnknownImage) as exc:
         _fail(str(exc), 2)
     envelope = statements.sign(statement, key)
-    target = out or Path(f"{re.sub(r'[^A-Za-z0-9._-]+', '_', image_id)}.intoto.json")
+    target = out or Path(statements.statement_file_name(image_id))
     target.write_text(json.dumps(envelope, indent=2) + "\n")
     names = ", ".join(subject["name"] for subject in statement["subject"])
     typer.echo(f"{target}: in-toto statement for {names}, signed by key {envelope['signatures'][0]['keyid'][:16]}")

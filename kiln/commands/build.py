@@ -147,7 +147,22 @@ def _checked_targets(recipe: Path, requested: list[str]) -> list[str]:
     if unknown:
         err.print(f"{recipe}: targets.{unknown[0]}: no such target (have: {', '.join(loaded.targets)})")
         raise typer.Exit(2)
+    _check_signing_key()
     return requested or list(loaded.targets)
+
+
+def _check_signing_key() -> None:
+    """The register stage signs with KILN_SIGNING_KEY when it is set: an unreadable key stops the build here."""
+    from provenance import attest
+
+    path = attest.configured_key()
+    if path is None:
+        return
+    try:
+        attest.load_private_key(path)
+    except attest.AttestationError as exc:
+        err.print(Text(f"{attest.KEY_ENV}: {exc}"))
+        raise typer.Exit(2) from None
 
 
 def _report(results: list[dict], as_json: bool, on_error: str) -> None:

@@ -1,0 +1,141 @@
+"""The register stage signs the new image's provenance statement when KILN_SIGNING_KEY names a key: written next
+to the image, named in its catalog entry, verifiable by `kiln attest --verify`; without a key nothing is signed,
+and an unreadable key stops `kiln build` before anything launches. The stage runs for real (provenance rows,
+catalog, Prefect artifacts on the session's server) on an image recorded from a real qcow2 file, without a VM."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from prefect.logging import disable_run_logger
+from typer.testing import CliRunner
+
+from clouds.base import BaseImage, ImageFile, ImageRef
+from kiln import settings
+from kiln.cli import app
+from kiln.recipe import load_recipe
+from provenance import attest, gitinfo, lineage, store
+from tasks.common import BuildPlan
+from tasks.fetch_base import ResolvedBase
+from tasks.register import register
+from tasks.verify import ProbeOutcome, Verification
+from tests.conftest import REPO
+
+runner = CliRunner()
+
+
+@dataclass
+class TaggingCloud:
+    """What register asks of a local cloud: tag the image (remembered here)."""
+
+    name: str = "local"
+    tagged: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def tag_image(self, image: ImageRef, tags: dict[str, str]) -> None:
+        self.tagged[image.image_id] = dict(tags)
+
+
+def snapshot_made(tmp_path: Path) -> tuple[BuildPlan, ResolvedBase, ImageRef, Verification]:
+    """A build of recipes/hello.yaml up to verify: its plan, recorded base, the qcow2 snapshot and the probes."""
+    recipe = load_recipe(REPO / "recipes/hello.yaml")
+    git = gitinfo.capture(recipe.path, recipe.referenced_files())
+    version = store.record_recipe_version(name=recipe.name, version=recipe.version, fingerprint=recipe.fingerprint(),
+                                          recipe_json="{}", git=git)  # fmt: skip
+    build_id = store.start_build(recipe_version_id=version, target="local", cloud="local", trigger="test")
+    plan = BuildPlan(build_id=build_id, recipe=recipe, target_name="local", git=git, recipe_version_id=version,
+                     cloud=TaggingCloud())  # fmt: skip
+    base_sha = hashlib.sha256(build_id.encode()).hexdigest()
+    base_path = str(tmp_path / "bases" / "debian-bookworm.qcow2")
+    base_row = store.record_image(cloud="local", image_id=base_path, sha256=base_sha, kind="base", format="qcow2")
+    base = ResolvedBase(BaseImage(cloud="local", image_id=base_path, digest=base_sha, ssh_user="debian"), base_row)
+    image_id = f"img-{build_id[:12]}"
+    disk = tmp_path / "images" / image_id / "hello-1.0.0.qcow2"
+    disk.parent.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    file = ImageFile("qcow2", str(disk), disk.stat().st_size, hashlib.sha256(disk.read_bytes()).hexdigest())
+    image = ImageRef(cloud="local", image_id=image_id, name="hello-1.0.0", files=(file,))
+    store.record_probe(build_id, name="port :22", kind="port", passed=True, detail="open", duration=0.1)
+    verification = Verification([ProbeOutcome("port :22", "port", True, "open", 0.1)], [("bash", "5.2", "amd64")],
+                                "Debian GNU/Linux 12")  # fmt: skip
+    return plan, base, image, verification
+
+
+def _register(plan: BuildPlan, base: ResolvedBase, image: ImageRef, verification: Verification):  # noqa: ANN202
+    with disable_run_logger():
+        return register.fn(plan, base, image, verification)
+
+
+def test_register_signs_the_statement_next_to_the_image_when_kiln_signing_key_is_set(
+    tmp_path, prefect_api, monkeypatch
+) -> None:
+    key = tmp_path / "keys" / "kiln.key"
+    attest.generate_key(key)
+    monkeypatch.setenv(attest.KEY_ENV, str(key))
+    plan, base, image, verification = snapshot_made(tmp_path)
+
+    registered = _register(plan, base, image, verification)
+
+    statement_file = Path(image.files[0].path).parent / f"{image.image_id}.intoto.json"
+    assert statement_file.is_file()
+    entry = json.loads(Path(registered.catalog_path).read_text())
+    assert entry["attestation"] == str(statement_file)
+    envelope = json.loads(statement_file.read_text())
+    assert envelope["signatures"][0]["keyid"] == attest.key_id(attest.load_public_key(Path(f"{key}.pub")))
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    [subject] = statement["subject"]
+    assert subject["digest"] == {"sha256": image.files[0].sha256}
+    assert subject["annotations"]["imageId"] == image.image_id
+    definition = statement["predicate"]["buildDefinition"]
+    assert definition["externalParameters"]["recipe"]["fingerprint"] == plan.recipe.fingerprint()
+    assert definition["externalParameters"]["recipe"]["commit"] == plan.git.commit
+    assert any(dep.get("name") == f"base:local:{base.image.image_id}" for dep in definition["resolvedDependencies"])
+    metadata = statement["predicate"]["runDetails"]["metadata"]
+    assert metadata["invocationId"] == plan.build_id and "finishedOn" not in metadata  # signed before it finished
+    assert key.read_text() not in statement_file.read_text()
+    [step] = lineage.get_build(plan.build_id).steps
+    assert (step.stage, step.status) == ("register", "succeeded")
+    assert f"provenance statement {statement_file}" in step.log
+
+    verified = runner.invoke(app, ["attest", "--verify", str(statement_file)])  # the key's .pub, via KILN_SIGNING_KEY
+
+    assert verified.exit_code == 0, verified.output
+    assert "signature verifies" in verified.stdout and f"ok local:{image.image_id}" in verified.stdout
+
+
+def test_register_signs_nothing_without_kiln_signing_key(tmp_path, prefect_api, monkeypatch) -> None:
+    monkeypatch.delenv(attest.KEY_ENV, raising=False)
+    plan, base, image, verification = snapshot_made(tmp_path)
+
+    registered = _register(plan, base, image, verification)
+
+    assert list(Path(image.files[0].path).parent.glob("*.intoto.json")) == []
+    assert "attestation" not in json.loads(Path(registered.catalog_path).read_text())
+    assert list((settings.data_dir() / "catalog").glob(f"{image.image_id}*.intoto.json")) == []
+
+
+def test_an_unreadable_signing_key_stops_kiln_build_before_anything_launches(tmp_path, monkeypatch) -> None:
+    not_a_key = tmp_path / "kiln.key"
+    not_a_key.write_text("not a PEM key\n")
+    monkeypatch.setenv(attest.KEY_ENV, str(not_a_key))
+    builds_before = len(lineage.list_builds(limit=1000))
+
+    result = runner.invoke(app, ["build", str(REPO / "recipes/hello.yaml"), "--json"])
+
+    assert result.exit_code == 2, result.output
+    assert attest.KEY_ENV in result.stderr and str(not_a_key) in result.stderr
+    assert len(lineage.list_builds(limit=1000)) == builds_before
+
+
+@pytest.fixture(autouse=True)
+def _no_catalog_left(tmp_path) -> None:
+    """Catalog entries live in the session's kiln home: remove this test's, so later tests see only theirs."""
+    before = set((settings.data_dir() / "catalog").glob("*")) if (settings.data_dir() / "catalog").exists() else set()
+    yield
+    for path in set((settings.data_dir() / "catalog").glob("*")) - before:
+        path.unlink()
