@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.deployments import run_deployment
+from prefect.runtime import deployment
 
 from clouds import open_cloud
 from flows.build import build_image
-from kiln.recipe import Recipe, RecipeError, load_recipe
+from kiln.recipe import BaseSpec, Recipe, RecipeError, Target, load_recipe
 from kiln.settings import KILN_VERSION
 from provenance import lineage
 
@@ -22,6 +27,7 @@ class NightlyDecision:
     reason: str
     build_id: str | None = None
     status: str | None = None
+    flow_run_id: str | None = None  # the build-image deployment's run, when fanned out
 
 
 def decide(recipe: Recipe, target: str, base_digest: str, kiln_version: str = KILN_VERSION) -> NightlyDecision:
@@ -45,6 +51,14 @@ def decide(recipe: Recipe, target: str, base_digest: str, kiln_version: str = KI
     )
 
 
+def base_spec(recipe: Recipe, target: Target) -> BaseSpec:
+    """The target's base with a file path taken relative to the recipe, as fetch_base takes it."""
+    spec = target.base
+    if spec.file is not None:
+        spec = spec.model_copy(update={"file": str(recipe.resolve(spec.file))})
+    return spec
+
+
 def recipe_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
@@ -64,7 +78,8 @@ def plan_night(directory: Path, only_targets: list[str]) -> list[NightlyDecision
             if only_targets and target not in only_targets:
                 continue
             try:
-                base = open_cloud(spec, recipe.timeouts, target_name=target).resolve_base(spec.base, spec.ssh_user)
+                base = open_cloud(spec, recipe.timeouts, target_name=target).resolve_base(base_spec(recipe, spec),
+                                                                                          spec.ssh_user)
             except Exception as exc:  # a cloud we cannot reach tonight is reported, not fatal to the others
                 decisions.append(NightlyDecision(str(path), target, "skip", f"base not resolvable: {exc}"))
                 continue
@@ -72,16 +87,65 @@ def plan_night(directory: Path, only_targets: list[str]) -> list[NightlyDecision
     return decisions
 
 
+BUILD_DEPLOYMENT = "build-recipe/build-image"
+POLL_SECONDS = 5.0
+
+
 @flow(name="nightly-rebuild")
-def nightly_rebuild(recipes_dir: str = "recipes", targets: list[str] | None = None) -> list[dict]:
-    """Rebuild what is stale under recipes_dir; report everything else as skipped, with the reason."""
+def nightly_rebuild(
+    recipes_dir: str = "recipes", targets: list[str] | None = None, fan_out: bool | None = None
+) -> list[dict]:
+    """Rebuild what is stale under recipes_dir; report everything else as skipped, with the reason.
+
+    Under a deployment (or with fan_out=True) each stale recipe × target becomes its own run of the
+    build-image deployment, so the builds spread over every worker of the pool; otherwise they run here.
+    """
     logger = get_run_logger()
     decisions = plan_night(Path(recipes_dir), targets or [])
-    for decision in decisions:
-        if decision.action == "rebuild":
+    stale = [d for d in decisions if d.action == "rebuild"]
+    if fan_out if fan_out is not None else deployment.id is not None:
+        submit_builds(stale)
+        wait_for_builds(stale)
+    else:
+        for decision in stale:
             state = build_image(decision.recipe, decision.target, trigger="schedule", return_state=True)
             build = lineage.build_for_flow_run(str(state.state_details.flow_run_id))
             decision.build_id = build.id if build else None
             decision.status = build.status if build else "failed"
-        logger.info("%s %s: %s (%s)", decision.recipe, decision.target, decision.action, decision.reason)
+    for decision in decisions:
+        logger.info("%s %s: %s (%s)%s", decision.recipe, decision.target, decision.action, decision.reason,
+                    f" → {decision.status}" if decision.status else "")
     return [asdict(d) for d in decisions]
+
+
+def submit_builds(stale: list[NightlyDecision]) -> None:
+    """One build-image run per stale recipe × target, created at once; workers pick them up as slots free."""
+    for decision in stale:
+        run = run_deployment(
+            BUILD_DEPLOYMENT,
+            parameters={"request": {"recipe": decision.recipe, "targets": [decision.target]}, "trigger": "schedule"},
+            flow_run_name=f"nightly {Path(decision.recipe).stem} {decision.target}",
+            timeout=0,
+        )
+        decision.flow_run_id = str(run.id)
+
+
+def wait_for_builds(stale: list[NightlyDecision], poll_seconds: float = POLL_SECONDS) -> None:
+    """Wait for every submitted run; read each target's build from its build-image subflow's provenance row."""
+    waiting = {d.flow_run_id: d for d in stale}
+    with get_client(sync_client=True) as client:
+        while waiting:
+            for run_id, decision in list(waiting.items()):
+                run = client.read_flow_run(run_id)
+                if run.state is None or not run.state.is_final():
+                    continue
+                del waiting[run_id]
+                children = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))
+                )
+                builds = [b for b in (lineage.build_for_flow_run(str(c.id)) for c in children) if b is not None]
+                decision.build_id = builds[0].id if builds else None
+                reason = f"{run.state.name}: {run.state.message}" if run.state.message else run.state.name
+                decision.status = builds[0].status if builds else f"no build recorded ({reason})"
+            if waiting:
+                time.sleep(poll_seconds)

@@ -30,3 +30,4 @@ from kiln.commands import audit; audit.register(app)  # noqa: E402, E702, I001
 from kiln.commands import attest; attest.register(app)  # noqa: E402, E702, I001
 from kiln.commands import gc; gc.register(app)  # noqa: E402, E702, I001
 from kiln.commands import limits; limits.register(app)  # noqa: E402, E702, I001
+from kiln.commands import status; status.register(app)  # noqa: E402, E702, I001

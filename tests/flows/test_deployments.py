@@ -26,15 +26,18 @@ async def _read(api_url: str) -> tuple:
             build = await client.read_deployment_by_name("build-recipe/build-image")
             nightly = await client.read_deployment_by_name("nightly-rebuild/nightly-rebuild")
             reaper = await client.read_deployment_by_name("reaper/reaper")
-            return build, nightly, reaper
+            pool = await client.read_work_pool("kiln")
+            names = {d.name for d in await client.read_deployments()}
+            return build, nightly, reaper, pool, names
 
 
 def test_prefect_yaml_deploys_build_and_nightly_against_a_server(tmp_path):
     with prefect_server(tmp_path) as api_url:
         env = server_env(tmp_path, api_url)
-        _prefect(["work-pool", "create", "kiln", "--type", "process"], env)
+        _prefect(["work-pool", "create", "kiln", "--type", "process", "--base-job-template",
+                  "deployments/work-pool.json"], env)
         _prefect(["deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env)
-        build, nightly, reaper = asyncio.run(_read(api_url))
+        build, nightly, reaper, pool, names = asyncio.run(_read(api_url))
 
     assert build.entrypoint == "flows.build:build_recipe"
     request = build.parameter_openapi_schema["definitions"]["BuildRequest"]["properties"]
@@ -45,6 +48,9 @@ def test_prefect_yaml_deploys_build_and_nightly_against_a_server(tmp_path):
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.schedules[0].schedule.timezone == "UTC"
     assert nightly.entrypoint == "flows.nightly:nightly_rebuild"
+    assert names == {"build-image", "nightly-rebuild", "audit", "reaper"}
+    assert pool.type == "process"
+    assert pool.base_job_template["variables"]["properties"]["stream_output"]["default"] is False
     assert reaper.entrypoint == "flows.reaper:reaper"
     assert [s.schedule.cron for s in reaper.schedules] == ["17 * * * *"]
     assert reaper.parameters == {"older_than": "15m"}
