@@ -23,7 +23,9 @@ PREFIX = "kiln-vms-"
 # Defaults used only where kiln creates a missing limit itself (the ephemeral server): a QEMU guest under
 # TCG wants about two cores; a cloud's quota is the team's to set, four is a modest start.
 CLOUD_DEFAULTS = {"ec2": 4, "openstack": 4}
-LEASE_SECONDS = 600  # renewed in the background while the slot is held; frees the slot of a crashed worker
+# The slot is leased and renewed in the background while held: a killed worker's slot frees itself within a
+# minute (Prefect's shortest lease), not the five minutes of its default.
+LEASE_SECONDS = 60
 
 
 class LimitMissing(RuntimeError):
@@ -124,7 +126,9 @@ def vm_slot(name: str) -> Iterator[None]:
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 
     try:
-        with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_SECONDS):
+        # A renewal that fails on a busy server must not kill a build half-way (its VM would be left to gc).
+        with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_SECONDS,
+                         raise_on_lease_renewal_failure=False):
             yield
     except ConcurrencySlotAcquisitionError:
         if not _exists(name):

@@ -110,3 +110,22 @@ def test_a_limit_of_one_never_lets_two_holders_in_at_once(bare_server):
     assert len(intervals) == 3
     ordered = sorted(intervals)
     assert all(later[0] >= earlier[1] for earlier, later in zip(ordered, ordered[1:], strict=False)), ordered
+
+
+def test_a_killed_holder_frees_its_slot_within_minutes(bare_server):
+    api_url, home = bare_server
+    assert kiln(home, api_url, "set", "openstack-crash", "1").returncode == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "from flows.limits import vm_slot\nimport time\n"
+         "with vm_slot('kiln-vms-openstack-crash'):\n    print('held', flush=True)\n    time.sleep(600)\n"],
+        env=server_env(home, api_url), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+    finally:
+        holder.kill()  # SIGKILL: no release, as when a worker host dies
+        holder.wait()
+    started = time.monotonic()
+    with vm_slot("kiln-vms-openstack-crash"):
+        waited = time.monotonic() - started
+    assert waited < 180, f"the dead holder's slot was released only after {waited:.0f} s"
