@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,30 @@ def run_kiln(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
 
 def copy_tree(src: Path, dest: Path) -> None:
     shutil.copytree(src, dest, dirs_exist_ok=True)
+
+
+@dataclass
+class HelloBuild:
+    """recipes/hello.yaml built for real on the local cloud, once per session."""
+
+    recipe: Path
+    commit: str
+    outcome: dict  # `kiln build --json`'s one outcome: build_id, image_id, status, …
+    children: list[str] = field(default_factory=list)  # images a test built on this one, in order
+
+    @property
+    def image_id(self) -> str:
+        return self.outcome["image_id"]
+
+
+@pytest.fixture(scope="session")
+def hello_build(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> HelloBuild:
+    """One real local build of recipes/hello.yaml by `kiln build` (a TCG VM, ~5 min) for every test that needs a
+    real local image: the build-DAG test, the audit, the lineage chain. A test that builds on it says so in
+    `children`, so the others know which children to expect."""
+    recipe = hello_recipe(tmp_path_factory.mktemp("hello"))
+    commit = git(recipe.parent, "rev-parse", "HEAD")
+    result = run_kiln("build", str(recipe), "--target", "local", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [outcome] = json.loads(result.stdout)
+    return HelloBuild(recipe=recipe, commit=commit, outcome=outcome)

@@ -13,7 +13,7 @@ import pytest
 
 from kiln import settings
 from provenance import lineage, store
-from tests.flows.conftest import KILN, committed_recipe, git, hello_recipe, run_kiln
+from tests.flows.conftest import KILN, HelloBuild, committed_recipe, run_kiln
 
 pytestmark = pytest.mark.vm
 
@@ -39,14 +39,9 @@ def show(build_id: str) -> dict:
     return json.loads(result.stdout)
 
 
-def test_hello_recipe_builds_verifies_and_records_everything(tmp_path, prefect_api):
-    recipe = hello_recipe(tmp_path)
-    commit = git(recipe.parent, "rev-parse", "HEAD")
+def test_hello_recipe_builds_verifies_and_records_everything(hello_build: HelloBuild):
+    recipe, commit, outcome = hello_build.recipe, hello_build.commit, hello_build.outcome  # `kiln build`'s
 
-    result = run_kiln("build", str(recipe), "--target", "local", "--json")
-
-    assert result.returncode == 0, result.stdout + result.stderr
-    [outcome] = json.loads(result.stdout)
     assert outcome["status"] == "succeeded" and outcome["image_id"].startswith("img-")
     detail = show(outcome["build_id"])
     assert [(s["stage"], s["status"]) for s in detail["steps"]] == [(s, "succeeded") for s in STAGES]
