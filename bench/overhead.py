@@ -1,0 +1,208 @@
+"""kiln's own overhead per build: the wall time of `kiln build` minus the time spent inside cloud operations
+(every call on the cloud object: launch, stop, snapshot, console, ...) and SSH work (wait_for_ssh, every
+command, upload and probe), measured by timing proxies around both. Once with Prefect's ephemeral server
+(started inside the build, reported apart) and once against a running `prefect server start`.
+Run: python -m bench.overhead [--recipe recipes/hello.yaml] [--mode ephemeral|server|both]."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RECIPE = ROOT / "recipes" / "hello.yaml"
+TARGET_SECONDS = 3.0
+SSH_FUNCTIONS = ("wait_for_ssh", "key_rejected", "probe_port", "probe_http", "connect")
+SESSION_METHODS = ("run", "put", "facts", "package_manifest", "wait_cloud_init", "close")
+
+
+class Stopwatch:
+    """Seconds spent in timed calls, by name; only the outermost call of a thread counts (no double count)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.longest: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+        self._depth = threading.local()
+
+    def wrap(self, name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            depth = getattr(self._depth, "n", 0)
+            self._depth.n = depth + 1
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth.n = depth
+                if depth == 0:
+                    with self._lock:
+                        took = time.perf_counter() - started
+                        self.seconds[name] += took
+                        self.calls[name] += 1
+                        self.longest[name] = max(self.longest[name], took)
+
+        return timed
+
+    def total(self, prefix: str = "") -> float:
+        return sum(v for k, v in self.seconds.items() if k.startswith(prefix))
+
+
+class TimedCloud:
+    """The build's cloud with every method call timed; plain attributes (name, state_dir) pass through."""
+
+    def __init__(self, cloud: Any, watch: Stopwatch) -> None:
+        self._cloud, self._watch = cloud, watch
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._cloud, name)
+        return self._watch.wrap(f"cloud.{name}", value) if callable(value) else value
+
+
+def instrument(watch: Stopwatch, stack: ExitStack) -> None:
+    """Put the timing proxies in place for this process (undone when the stack closes)."""
+    import flows.build
+    from clouds import ssh
+
+    def patch(owner: Any, name: str, value: Any) -> None:
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        setattr(owner, name, value)
+        stack.callback(setattr, owner, name, original)
+
+    opener = flows.build.open_cloud
+    patch(flows.build, "open_cloud", lambda *a, **k: TimedCloud(opener(*a, **k), watch))
+    for name in SSH_FUNCTIONS:
+        patch(ssh, name, watch.wrap(f"ssh.{name}", getattr(ssh, name)))
+    for name in SESSION_METHODS:
+        patch(ssh.GuestSession, name, watch.wrap(f"ssh.session.{name}", getattr(ssh.GuestSession, name)))
+    if not os.environ.get("PREFECT_API_URL"):  # only then: importing Prefect's server costs seconds itself
+        from prefect.server.api.server import SubprocessASGIServer
+
+        start = watch.wrap("prefect.ephemeral_server_start", SubprocessASGIServer.start)
+        patch(SubprocessASGIServer, "start", start)
+
+
+def measure_child(recipe: Path) -> dict[str, Any]:
+    """One `kiln build --json` in this process with the proxies in place; the figures as a dict."""
+    started = time.perf_counter()
+    from kiln.cli import app
+    from kiln.commands.build import quiet_prefect_console
+
+    quiet_prefect_console()  # what `kiln build` does before importing the flow: Prefect reads it at import
+    import flows.build  # noqa: F401 - the CLI imports it on the first build; timed here with the rest
+
+    imported = time.perf_counter()
+    watch = Stopwatch()
+    with ExitStack() as stack:
+        instrument(watch, stack)
+        build_started = time.perf_counter()
+        try:  # click returns typer.Exit's code when not standalone
+            code = app(["build", str(recipe), "--target", "local", "--json"], standalone_mode=False) or 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        wall = time.perf_counter() - build_started
+    # Several threads may ask for the ephemeral server at once; they all wait for the one start.
+    server = watch.longest.get("prefect.ephemeral_server_start", 0.0)
+    inside = watch.total("cloud.") + watch.total("ssh.")
+    return {
+        "exit_code": code,
+        "import_seconds": imported - started,
+        "build_seconds": wall,
+        "cloud_seconds": watch.total("cloud."),
+        "ssh_seconds": watch.total("ssh."),
+        "prefect_server_start_seconds": server,
+        "overhead_seconds": wall - inside - server,
+        "by_call": {k: [round(v, 2), watch.calls[k]] for k, v in sorted(watch.seconds.items(), key=lambda x: -x[1])},
+    }
+
+
+def run_mode(mode: str, recipe: Path, tmp: Path) -> dict[str, Any]:
+    """A fresh interpreter per mode, so the ephemeral server really starts and the imports are paid."""
+    env = {**os.environ, "KILN_HOME": str(tmp / f"kiln-home-{mode}")}
+    env.setdefault("KILN_CACHE", str(Path.home() / ".cache" / "kiln"))  # the usual base cache, not a rebuild
+    with ExitStack() as stack:
+        if mode == "server":
+            sys.path.insert(0, str(ROOT))
+            from tests.prefect_server import prefect_server
+
+            home = tmp / "prefect-home"
+            home.mkdir()
+            env["PREFECT_API_URL"] = stack.enter_context(prefect_server(home))
+        else:
+            env.pop("PREFECT_API_URL", None)
+        out = tmp / f"{mode}.json"
+        command = [sys.executable, "-m", "bench.overhead", "--child", str(recipe), "--out", str(out)]
+        started = time.perf_counter()
+        done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+        process_seconds = time.perf_counter() - started
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"{mode} build failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    figures = json.loads(out.read_text())
+    figures["process_seconds"] = process_seconds
+    inside = figures["cloud_seconds"] + figures["ssh_seconds"] + figures["prefect_server_start_seconds"]
+    figures["process_overhead_seconds"] = process_seconds - inside
+    if figures["exit_code"] != 0:
+        raise RuntimeError(f"{mode}: kiln build exited {figures['exit_code']}:\n{done.stderr[-3000:]}")
+    return figures
+
+
+def print_table(results: dict[str, dict[str, Any]], recipe: Path) -> None:
+    print(f"recipe {recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe}, target local; "
+          f"load average now {os.getloadavg()[0]:.2f} (2 cores, shared)")  # fmt: skip
+    modes = list(results)
+    print(f"{'seconds':44}" + "".join(f"{m:>14}" for m in modes))
+    rows = [
+        ("whole process (python start to exit)", "process_seconds"),
+        ("  importing kiln.cli and flows.build", "import_seconds"),
+        ("  kiln build (CLI call)", "build_seconds"),
+        ("    inside cloud operations", "cloud_seconds"),
+        ("    inside SSH (boot wait, commands, probes)", "ssh_seconds"),
+        ("    Prefect ephemeral server start", "prefect_server_start_seconds"),
+        ("    kiln's own overhead (the rest)", "overhead_seconds"),
+        ("whole process minus cloud, SSH, server start", "process_overhead_seconds"),
+    ]
+    for label, key in rows:
+        print(f"{label:44}" + "".join(f"{results[m][key]:>14.2f}" for m in modes))
+    for mode in modes:
+        figures = results[mode]
+        own = figures["overhead_seconds"]
+        with_server = own + figures["prefect_server_start_seconds"]
+        verdict = "met" if own <= TARGET_SECONDS else f"MISSED by {own - TARGET_SECONDS:.2f} s"
+        print(f"{mode}: overhead {own:.2f} s inside the build call (target <= {TARGET_SECONDS:.0f} s: {verdict}); "
+              f"with the server start {with_server:.2f} s; whole process (interpreter, imports, exit) "
+              f"{figures['process_overhead_seconds']:.2f} s")  # fmt: skip
+        top = list(figures["by_call"].items())[:8]
+        print(f"  largest timed calls [seconds, calls]: {dict(top)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__)
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
+    parser.add_argument("--mode", choices=("ephemeral", "server", "both"), default="both")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        args.out.write_text(json.dumps(measure_child(args.child)))
+        return
+    modes = ["ephemeral", "server"] if args.mode == "both" else [args.mode]
+    recipe = args.recipe.resolve()
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-overhead-") as name:
+        results = {mode: run_mode(mode, recipe, Path(name)) for mode in modes}
+    print_table(results, recipe)
+
+
+if __name__ == "__main__":
+    main()
