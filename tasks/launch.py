@@ -21,6 +21,7 @@ class Guest:
     key: KeyPair = field(repr=False)
     role: str
     session: GuestSession | None = field(default=None, repr=False)
+    facts: dict[str, str] = field(default_factory=dict)  # read before sanitize: what the image must not keep
 
 
 def user_data(ssh_user: str, key: KeyPair) -> str:

@@ -3,14 +3,25 @@ and prove the build key no longer opens it."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from clouds import ssh
 from clouds.base import ImageRef
 from kiln.recipe import BaseSpec, Probe
 from provenance import store
 from tasks.common import BuildPlan, StepLog, stage
+from tasks.image_audit import (
+    BuildGuestFacts,
+    ImageAuditFailed,
+    audit_booted,
+    audit_disk,
+    audit_script,
+    checks_for,
+    key_blob,
+)
 from tasks.launch import Guest, release_guest, start_guest
 from tasks.wait_boot import connect_when_booted
 
@@ -84,13 +95,43 @@ def build_key_rejected(plan: BuildPlan, guest: Guest) -> ProbeOutcome:
     return ProbeOutcome("build key rejected", "build-key", rejected, detail, time.monotonic() - started)
 
 
+def audit_image_file(plan: BuildPlan, image: ImageRef, step_log: StepLog) -> None:
+    """A local image's disk, mounted read-only before anything boots it (needs root for the loop mount)."""
+    if not image.files or os.geteuid() != 0:
+        step_log("image audit of the disk: skipped (no image file here, or not root to mount it)")
+        return
+    checks = checks_for(plan.recipe.sanitize.selected())
+    findings = audit_disk(Path(image.files[0].path), plan.build_key.public_key, checks)
+    _judge("disk", findings, checks, step_log)
+
+
+def audit_booted_image(plan: BuildPlan, guest: Guest, step_log: StepLog) -> None:
+    """On the guest booted from the image: no build key, no history, and not the build guest's identity."""
+    checks = checks_for(plan.recipe.sanitize.selected())
+    output = guest.session.run(audit_script(key_blob(plan.build_key.public_key)), timeout=600).stdout
+    facts = plan.guests[0].facts if plan.guests and plan.guests[0].facts else {}
+    build = BuildGuestFacts(facts["host-key"], facts["machine-id"]) if facts else None
+    findings = audit_booted(output, host_key=guest.session.host_key_fingerprint, build=build, checks=checks)
+    _judge("booted image", findings, checks, step_log)
+
+
+def _judge(where: str, findings: list, checks: list[str], step_log: StepLog) -> None:
+    for finding in findings:
+        step_log(f"image audit ({where}) FAIL {finding}")
+    if findings:
+        raise ImageAuditFailed(f"image audit ({where}): " + "; ".join(str(f) for f in findings))
+    step_log(f"image audit ({where}): passed {', '.join(checks)}")
+
+
 @stage("verify")
 def verify(plan: BuildPlan, image: ImageRef, *, step_log: StepLog) -> Verification:
+    audit_image_file(plan, image, step_log)
     base = plan.cloud.resolve_base(BaseSpec(image=image.image_id), plan.target.ssh_user)
     guest = start_guest(plan, base, "verify", step_log)
     keep_guest = False
     try:
         connect_when_booted(plan, guest, step_log)
+        audit_booted_image(plan, guest, step_log)
         outcomes = [run_probe(plan, guest, probe) for probe in plan.recipe.verify]
         outcomes.append(build_key_rejected(plan, guest))
         for outcome in outcomes:
