@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
             err.print(str(exc))
             raise typer.Exit(2) from None
         report = collect_garbage(dry_run=dry_run, older_than=age, cloud=cloud)
-        print_report(report, Console(), dry_run=dry_run)
+        out = Console()
+        print_report(report, out if out.is_terminal else Console(width=240), dry_run=dry_run)  # a log keeps ids whole
         raise typer.Exit(1 if report.failed else 0)
 
 
