@@ -13,7 +13,9 @@ def open_cloud(target: Any, timeouts: Any = None, *, target_name: str | None = N
     if kind == "local":
         from clouds.local import LocalCloud
 
-        return LocalCloud(accel=target.accel, memory_mb=target.memory_mb, cpus=target.cpus)
+        return LocalCloud(
+            accel=target.accel, memory_mb=target.memory_mb, cpus=target.cpus, disk_size_gb=target.disk_size_gb
+        )
     if kind == "ec2":
         from clouds.ec2 import EC2Cloud
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from clouds import fetch, qemu, ssh
+from clouds import fetch, open_cloud, qemu, ssh
 from clouds.base import BaseImage, CloudError, HostKeyMismatch, ImageRef, Instance, KeyPair, Resource
 from clouds.bootstrap import MBR_BIN, PARTITION_OFFSET
 from clouds.local import LocalCloud
 from clouds.ova import ovf_descriptor
+from kiln.recipe import LocalTarget
 from tests.clouds.conftest import Spec, our_qemu_processes, user_data
 
 TAGS = {"kiln:build-id": "test-build", "kiln:recipe": "tests"}
@@ -287,6 +288,17 @@ def test_launch_grows_the_overlay_to_the_asked_disk_size(cloud: LocalCloud, blan
         assert qemu.image_info(blank_base.image_id)["virtual-size"] == 64 * 1024**2, "the base keeps its size"
     finally:
         bigger.terminate(instance)
+
+
+def test_a_local_targets_disk_size_grows_the_overlay(blank_base: BaseImage) -> None:
+    target = LocalTarget(base={"bootstrap": "debian-bookworm"}, disk_size_gb=1, accel="tcg")
+    local = open_cloud(target)
+    key = KeyPair.generate("kiln-test")
+    instance = local.launch(blank_base, key, user_data("debian", key), TAGS, [])
+    try:
+        assert qemu.image_info(instance.details["overlay"])["virtual-size"] == 1024**3
+    finally:
+        local.terminate(instance)
 
 
 def test_terminate_kills_qemu_removes_the_directory_and_is_idempotent(cloud: LocalCloud, blank_base: BaseImage) -> None:
