@@ -50,6 +50,13 @@ class TargetResult:
     error: str | None = None
 
 
+def worker_run() -> dict[str, str]:
+    """Under a Prefect worker: its name and the flow run it started this process for (kiln status, nightly)."""
+    found = {"worker": os.environ.get("PREFECT__WORKER_NAME"),
+             "worker_flow_run": os.environ.get("PREFECT__FLOW_RUN_ID")}
+    return {key: value for key, value in found.items() if value}
+
+
 def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, require_clean: bool) -> BuildPlan:
     """Validate, capture git, record the recipe version and open the Build row: nothing launched yet."""
     recipe = load_recipe(recipe_path)
@@ -74,8 +81,7 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
         region=getattr(spec, "region", "") or "",
         trigger=trigger,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
-        parameters={"recipe": str(recipe_path), "target": target, "on_error": on_error,
-                    "worker": os.environ.get("PREFECT__WORKER_NAME")},  # set by a Prefect worker: kiln status
+        parameters={"recipe": str(recipe_path), "target": target, "on_error": on_error, **worker_run()},
     )
     return BuildPlan(
         build_id=build_id,

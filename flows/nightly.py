@@ -8,12 +8,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.deployments import run_deployment
 from prefect.runtime import deployment
 
 from clouds import open_cloud
 from flows.build import build_image
+from flows.status import builds_of_run
 from kiln.recipe import BaseSpec, Recipe, RecipeError, Target, load_recipe
 from kiln.settings import KILN_VERSION
 from provenance import lineage
@@ -131,7 +131,7 @@ def submit_builds(stale: list[NightlyDecision]) -> None:
 
 
 def wait_for_builds(stale: list[NightlyDecision], poll_seconds: float = POLL_SECONDS) -> None:
-    """Wait for every submitted run; read each target's build from its build-image subflow's provenance row."""
+    """Wait for every submitted run; read each target's build from the provenance row that run recorded."""
     waiting = {d.flow_run_id: d for d in stale}
     with get_client(sync_client=True) as client:
         while waiting:
@@ -140,10 +140,7 @@ def wait_for_builds(stale: list[NightlyDecision], poll_seconds: float = POLL_SEC
                 if run.state is None or not run.state.is_final():
                     continue
                 del waiting[run_id]
-                children = client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))
-                )
-                builds = [b for b in (lineage.build_for_flow_run(str(c.id)) for c in children) if b is not None]
+                builds = [summary.build for summary in builds_of_run(run_id, running_only=False)]
                 decision.build_id = builds[0].id if builds else None
                 reason = f"{run.state.name}: {run.state.message}" if run.state.message else run.state.name
                 decision.status = builds[0].status if builds else f"no build recorded ({reason})"

@@ -1,5 +1,5 @@
 """What is running where: kiln's flow runs in Running state on the Prefect server (deployment, worker, host),
-joined with provenance's running builds (build id, recipe, target, stage) through the build-image subflows."""
+joined with provenance's running builds (build id, recipe, target, stage) by the flow run a worker started."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from dataclasses import asdict, dataclass
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
-    FlowRunFilterParentFlowRunId,
     FlowRunFilterState,
     FlowRunFilterStateType,
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import StateType
+from sqlmodel import Session, select
 
-from provenance import lineage
+from provenance import lineage, store
+from provenance.models import Build, RecipeVersion
 
 
 @dataclass
@@ -52,7 +53,7 @@ def running() -> list[Running]:
                 continue
             if str(run.deployment_id) not in deployments:
                 deployments[str(run.deployment_id)] = client.read_deployment(run.deployment_id).name
-            builds = _builds_under(client, run.id)
+            builds = builds_of_run(str(run.id))
             host, pid = _infrastructure(run.infrastructure_pid)
             if not builds:
                 found.append(Running(str(run.id), deployments[str(run.deployment_id)], None, host, pid,
@@ -66,22 +67,19 @@ def running() -> list[Running]:
     return found
 
 
-def _builds_under(client, run_id) -> list:  # noqa: ANN001 - prefect's SyncPrefectClient and a UUID
-    """The provenance rows of the build-image subflows this run started (any depth: build_recipe → build_image)."""
-    summaries, parents = [], [run_id]
-    for _ in range(3):
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=parents))
-        )
-        if not children:
-            break
-        for child in children:
-            build = lineage.build_for_flow_run(str(child.id))
-            if build is not None and build.status == "running":
-                detail = lineage.get_build(build.id)
-                summaries.append(lineage.BuildSummary(build=build, recipe=detail.recipe))
-        parents = [child.id for child in children]
-    return summaries
+def builds_of_run(flow_run_id: str, *, running_only: bool = True) -> list[lineage.BuildSummary]:
+    """The builds a worker's flow run made (build_recipe runs its targets' build_image flows in threads, which
+    Prefect records as runs of their own, so the link is the flow run id the worker gave the process)."""
+    query = (
+        select(Build, RecipeVersion)
+        .join(RecipeVersion, Build.recipe_version_id == RecipeVersion.id)
+        .where(Build.parameters_json.contains(json.dumps({"worker_flow_run": flow_run_id})[1:-1]))
+        .order_by(Build.started)
+    )
+    if running_only:
+        query = query.where(Build.status == "running")
+    with Session(store.engine()) as session:
+        return [lineage.BuildSummary(build=b, recipe=r) for b, r in session.exec(query).all()]
 
 
 def _row(flow_run: str, deployment: str | None, summary) -> Running:  # noqa: ANN001 - lineage.BuildSummary
