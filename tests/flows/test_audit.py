@@ -23,7 +23,7 @@ from kiln.commands.audit import print_report
 from kiln.recipe import load_recipe
 from provenance import gitinfo, lineage, store
 from tests.conftest import REPO
-from tests.flows.conftest import git, hello_recipe, run_kiln
+from tests.flows.conftest import HelloBuild, git, hello_recipe, run_kiln
 
 
 def _record_build(recipe_path: Path, disk: Path) -> str:
@@ -124,20 +124,15 @@ def test_the_audit_deployment_runs_the_audit_flow_with_its_parameters() -> None:
 @pytest.mark.vm
 @pytest.mark.timeout(3600)  # two full builds under TCG; on a loaded 2-core machine one took 15 minutes
 def test_audit_of_a_real_local_build_rebuilds_the_same_commit_and_finds_it_identical(
-    tmp_path, prefect_api, capsys
+    hello_build: HelloBuild, capsys
 ) -> None:
-    recipe = hello_recipe(tmp_path)
-    commit = git(recipe.parent, "rev-parse", "HEAD")
-    built = run_kiln("build", str(recipe), "--target", "local", "--json")
-    assert built.returncode == 0, built.stdout + built.stderr
-    [outcome] = json.loads(built.stdout)
-    image_id = outcome["image_id"]
+    recipe, commit, image_id = hello_build.recipe, hello_build.commit, hello_build.image_id  # `kiln build`'s
 
     shown = run_kiln("lineage", image_id, "--format", "json")
     assert shown.returncode == 0, shown.stderr
     graph = json.loads(shown.stdout)
     assert graph["recipe"]["commit"] == commit and graph["recipe"]["fingerprint"] == load_recipe(recipe).fingerprint()
-    assert graph["base"]["kind"] == "base" and graph["base"]["sha256"] and graph["children"] == []
+    assert graph["base"]["kind"] == "base" and graph["base"]["sha256"] and graph["children"] == hello_build.children
 
     result = run_kiln("audit", image_id, "--json")
 
