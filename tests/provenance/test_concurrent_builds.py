@@ -14,19 +14,21 @@ from __future__ import annotations
 import multiprocessing
 import os
 
-from clouds.base import TAG_BUILD
+from clouds.base import TAG_BUILD, KeyPair
 from clouds.ec2 import EC2Cloud
 from provenance import lineage, store
 from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
 from tests.flows.conftest import committed_recipe
+from tests.secret_scan import key_needles, scan_database
 
 BUILDS = 20
 REGION = "us-east-1"
 STAGES_RUN = ["fetch_base", "launch", "snapshot"]
 
 
-def one_build(recipe: str) -> tuple[str, str]:
-    """A build of the ec2 target in this process, through the stages that need no guest; (build id, AMI)."""
+def one_build(recipe: str) -> tuple[str, str, str]:
+    """A build of the ec2 target in this process, through the stages that need no guest; (build id, AMI, and
+    the build's private key, handed to the test alone so it can prove the key reached no row)."""
     from prefect.logging import disable_run_logger
 
     from flows.build import conclude_failure, prepare
@@ -49,7 +51,7 @@ def one_build(recipe: str) -> tuple[str, str]:
             conclude_failure(plan, exc)
             raise
         store.finish_build(plan.build_id, "succeeded", stage="snapshot")
-        return plan.build_id, image.image_id
+        return plan.build_id, image.image_id, plan.build_key.private_key
 
 
 def test_twenty_concurrent_builds_on_moto_record_every_row(db_url, moto, tmp_path):  # noqa: F811
@@ -73,11 +75,11 @@ verify: [{{port: {{port: 22}}}}]
 
     assert os.environ["KILN_DATABASE_URL"] == db_url
     builds = {summary.build.id: summary.build for summary in lineage.list_builds(recipe="concurrent", limit=100)}
-    assert sorted(builds) == sorted(build_id for build_id, _ in results)
+    assert sorted(builds) == sorted(build_id for build_id, _, _ in results)
     assert {b.status for b in builds.values()} == {"succeeded"}
     assert len({b.recipe_version_id for b in builds.values()}) == 1, "one recipe version, found by all"
     images = lineage.list_images(cloud="ec2", recipe="concurrent")
-    assert sorted(i.image.image_id for i in images) == sorted(ami for _, ami in results)
+    assert sorted(i.image.image_id for i in images) == sorted(ami for _, ami, _ in results)
     assert len({i.image.parent_id for i in images}) == 1, "one base row, shared"
     for build_id in builds:
         detail = lineage.get_build(build_id)
@@ -87,3 +89,6 @@ verify: [{{port: {{port: 22}}}}]
     cloud = EC2Cloud(REGION, endpoint_url=moto)
     left = {(r.kind, r.tags[TAG_BUILD]) for r in cloud.owned() if r.tags.get(TAG_BUILD) in builds}
     assert {kind for kind, _ in left} <= {"image", "snapshot"}, f"only the AMIs and their snapshots remain: {left}"
+    needles = {f"{name} of build {build_id[:8]}": needle for build_id, _, private in results
+               for name, needle in key_needles(KeyPair("k", "", private)).items()}  # fmt: skip
+    assert scan_database(db_url, needles) == [], "no build key and no secret in any row, step logs included"
