@@ -411,12 +411,16 @@ def ledger_intent(
         return row.id
 
 
-def ledger_created(resource_row_id: int, cloud_id: str) -> None:
-    """The cloud call returned: remember the id the cloud gave the resource."""
+def ledger_created(resource_row_id: int, cloud_id: str) -> bool:
+    """The cloud call returned: remember the id the cloud gave the resource. False when the row had been
+    released meanwhile (a Ctrl-C cleanup ran during the call): it is open again, the caller must release it."""
     with _writing() as session:
         row = _get(session, Resource, resource_row_id)
         row.cloud_id = cloud_id
+        was_open = row.released is None
+        row.released = None
         session.add(row)
+        return was_open
 
 
 def ledger_released(resource_row_id: int, *, error: str | None = None) -> None:

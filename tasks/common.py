@@ -175,6 +175,11 @@ def describe(exc: BaseException) -> str:
     return text if isinstance(exc, RuntimeError | ValueError | OSError) else f"{type(exc).__name__}: {text}"
 
 
+class CancelledDuringCreate(KeyboardInterrupt):
+    """The build was cancelled (its ledger released) while a cloud call was creating something: that thing is
+    released at once and the stage stops without retrying, as after Ctrl-C."""
+
+
 @contextmanager
 def ledgered(
     plan: BuildPlan, *, kind: str, name: str, role: str = "build", region: str = ""
@@ -190,7 +195,8 @@ def ledgered(
 
     def report(cloud_id: str) -> None:
         created.append(cloud_id)
-        store.ledger_created(row, cloud_id)
+        if not store.ledger_created(row, cloud_id):
+            raise CancelledDuringCreate(f"{kind} {cloud_id} was created after the build's resources were released")
 
     try:
         yield report

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from clouds import ssh
+from clouds.base import CloudError, Instance
+from provenance import store
 from tasks.common import BuildPlan, StepLog, stage
 from tasks.launch import Guest
 
@@ -17,8 +19,8 @@ def connect_when_booted(plan: BuildPlan, guest: Guest, step_log: StepLog) -> Non
         port,
         instance.ssh_user,
         guest.key,
-        expected_host_keys_from=lambda: ssh.host_key_fingerprints_from_console(cloud.console(instance)),
-        console=lambda: cloud.console(instance),
+        expected_host_keys_from=lambda: ssh.host_key_fingerprints_from_console(console_of_held(plan, instance)),
+        console=lambda: console_of_held(plan, instance),
         timeout=plan.recipe.timeouts.boot,
     )
     step_log(f"SSH up, host key {guest.session.host_key_fingerprint} pinned from the console; cloud-init done")
@@ -27,3 +29,11 @@ def connect_when_booted(plan: BuildPlan, guest: Guest, step_log: StepLog) -> Non
 @stage("wait_boot", retries=1, retry_delay_seconds=5)
 def wait_boot(plan: BuildPlan, guest: Guest, *, step_log: StepLog) -> None:
     connect_when_booted(plan, guest, step_log)
+
+
+def console_of_held(plan: BuildPlan, instance: Instance) -> str:
+    """The console, while the build still holds the instance: once Ctrl-C (or anyone) released it, the wait
+    ends at once instead of polling a guest that is gone until the boot timeout."""
+    if not any(row.cloud_id == instance.instance_id for row in store.open_resources(plan.build_id)):
+        raise CloudError(f"instance {instance.instance_id} was released while waiting for it to boot")
+    return plan.cloud.console(instance)

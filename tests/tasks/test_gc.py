@@ -223,3 +223,17 @@ def test_the_reaper_flow_releases_what_a_dead_build_left():
     assert {"cloud": "local", "region": "", "kind": "instance", "id": instance, "build": dead, "found_in": "tags",
             "action": "released"} in lines  # fmt: skip
     assert not (cloud.state_dir / instance).exists()
+
+
+def test_a_resource_created_after_ctrl_c_released_its_build_is_released_at_once():
+    from tasks.common import CancelledDuringCreate, ledgered, release_open
+    from tests.tasks.test_stages import new_plan
+
+    plan = new_plan()
+    with pytest.raises(CancelledDuringCreate), ledgered(plan, kind="instance", name="kiln-race") as created:
+        release_open(plan)  # Ctrl-C's cleanup runs while the cloud call is under way
+        created("i-0123456789ab")  # …which then returns the new instance
+
+    assert [r.resource_id for r in plan.cloud.released] == ["i-0123456789ab"]
+    assert store.open_resources(plan.build_id) == []
+    store.finish_build(plan.build_id, "cancelled")
