@@ -1,0 +1,203 @@
+"""Fault injection: `kiln build` SIGKILLed when it reaches a stage, then `kiln gc`: no kiln resource of the build
+is left and the build shows interrupted at that stage. SIGINT: the build cleans up in-process, gc finds nothing.
+
+The kill is a test plugin on the subprocess's PYTHONPATH (tests/faults/plugin/sitecustomize.py), not a branch in
+kiln. Local runs boot real QEMU guests (marked vm); moto runs need none, their instances never boot, so they
+stop at the stages before SSH. conftest.py prints the table stage × backend → resources left after gc.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from clouds.base import TAG_BUILD, KeyPair
+from clouds.ec2 import EC2Cloud
+from clouds.local import LocalCloud
+from kiln import settings
+from provenance import lineage, store
+from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
+from tests.conftest import REPO
+from tests.flows.conftest import KILN, committed_recipe, hello_recipe, prefect_api  # noqa: F401 - fixture
+from tests.secret_scan import key_needles, scan_database, scan_files, scan_image
+
+PLUGIN = Path(__file__).resolve().parent / "plugin"
+REGION = "us-east-1"
+RESULTS: dict[tuple[str, str], str] = {}  # (stage, backend) -> resources left after gc, for the table
+KILLED: dict[str, list[str]] = {}  # build id -> its kiln resources just after the kill
+SCANNED: list[str] = []  # what the secret scan covered
+KILL_POINT = {"launch": "after-launch", "snapshot": "after-snapshot"}  # else: at the stage's start
+
+
+def kiln_build_with_fault(recipe: Path, target: str, fault: str, timeout: float = 900,
+                          key_dump: Path | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    env = {**os.environ, "KILN_FAULT": fault, "PYTHONPATH": os.pathsep.join([str(PLUGIN), str(REPO)])}
+    if key_dump is not None:
+        env["KILN_KEY_DUMP"] = str(key_dump)
+    return subprocess.run([str(KILN), "build", str(recipe), "--target", target, "--json"], env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def kiln_gc() -> subprocess.CompletedProcess:
+    result = subprocess.run([str(KILN), "gc"], capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def newest_build(recipe_name: str) -> str:
+    [summary, *_] = lineage.list_builds(recipe=recipe_name, limit=1)
+    return summary.build.id
+
+
+def local_left(build_id: str) -> list[str]:
+    cloud = LocalCloud()
+    return [f"{r.kind} {r.resource_id}" for r in cloud.owned({TAG_BUILD: build_id})]
+
+
+def ec2_left(build_id: str, endpoint: str) -> list[str]:
+    cloud = EC2Cloud(REGION, endpoint_url=endpoint)
+    return [f"{r.kind} {r.resource_id}" for r in cloud.owned({TAG_BUILD: build_id})]
+
+
+def kill_and_collect(recipe: Path, target: str, stage: str, left, before_gc=None, key_dump: Path | None = None
+                     ) -> tuple[str, list[str], str]:  # noqa: ANN001  # fmt: skip
+    """SIGKILL at `stage`; returns the build id, what gc left, and gc's output (KILLED: what was there before)."""
+    fault = f"SIGKILL:{stage}:{KILL_POINT.get(stage, 'start')}"
+    result = kiln_build_with_fault(recipe, target, fault, key_dump=key_dump)
+    assert result.returncode == -9, f"the build was not killed at {stage}:\n{result.stdout}\n{result.stderr}"
+    build_id = newest_build(recipe_name(recipe))
+    assert lineage.get_build(build_id).build.status == "running", "killed, nobody has noticed yet"
+    KILLED[build_id] = left(build_id)
+    if before_gc is not None:
+        before_gc(build_id)
+    gc = kiln_gc()
+    return build_id, left(build_id), gc.stdout
+
+
+def recipe_name(recipe: Path) -> str:
+    from kiln.recipe import load_recipe
+
+    return load_recipe(recipe).name
+
+
+def assert_reaped(build_id: str, stage: str, left: list[str]) -> None:
+    build = lineage.get_build(build_id).build
+    assert (build.status, build.stage) == ("interrupted", stage)
+    assert store.open_resources(build_id) == [], "every ledger row is closed"
+    assert left == [], f"kiln resources left after gc: {left}"
+
+
+# ---------------------------------------------------------------------------------------------------- moto
+
+
+def moto_recipe(tmp_path: Path, endpoint: str) -> Path:
+    return committed_recipe(
+        tmp_path,
+        f"""name: faults-ec2
+version: 1.0.0
+targets:
+  ec2:
+    region: {REGION}
+    endpoint_url: {endpoint}
+    base: {{ssm_parameter: {SSM_AL2023}}}
+    ssh_user: debian
+    ssh_cidr: 127.0.0.0/8
+scripts: [{{inline: 'true', name: nothing}}]
+verify: [{{port: {{port: 22}}}}]
+""",
+    )
+
+
+@pytest.mark.parametrize("stage", ["fetch_base", "launch", "wait_boot"])
+def test_sigkill_on_moto_then_gc_leaves_nothing_and_the_build_interrupted(stage, tmp_path, moto, prefect_api):  # noqa: F811
+    recipe = moto_recipe(tmp_path, moto)
+
+    build_id, left, gc_output = kill_and_collect(recipe, "ec2", stage, lambda b: ec2_left(b, moto))
+
+    RESULTS[(stage, "moto")] = str(len(left))
+    assert_reaped(build_id, stage, left)
+    if stage != "fetch_base":
+        assert any(r.startswith("instance ") for r in KILLED[build_id]), "the kill left an instance to reap"
+    assert "marked interrupted" in gc_output
+    if stage != "fetch_base":
+        assert "instance" in gc_output and "released" in gc_output
+
+
+def test_sigint_on_moto_cleans_up_in_process_and_gc_finds_nothing(tmp_path, moto, prefect_api):  # noqa: F811
+    recipe = moto_recipe(tmp_path, moto)
+
+    result = kiln_build_with_fault(recipe, "ec2", "SIGINT:launch:after-launch")
+
+    assert result.returncode == 130, result.stdout + result.stderr
+    build_id = newest_build("faults-ec2")
+    build = lineage.get_build(build_id).build
+    assert build.status == "cancelled" and build.stage in ("launch", "wait_boot")
+    assert store.open_resources(build_id) == []
+    assert ec2_left(build_id, moto) == []
+    gc = kiln_gc()
+    assert build_id[:8] not in gc.stdout, gc.stdout
+    RESULTS[("SIGINT at launch", "moto")] = "0"
+
+
+# --------------------------------------------------------------------------------------------- local (VMs)
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("stage", ["fetch_base", "launch", "wait_boot", "customize", "snapshot"])
+def test_sigkill_on_the_local_cloud_then_gc_leaves_nothing_and_the_build_interrupted(stage, tmp_path, prefect_api):  # noqa: F811
+    recipe = hello_recipe(tmp_path)
+    started = time.monotonic()
+    key_dump = tmp_path / "build-key" if stage == "snapshot" else None
+    scan = (lambda build_id: secrets_left_by(build_id, key_dump)) if key_dump else None
+
+    build_id, left, gc_output = kill_and_collect(recipe, "local", stage, local_left, scan, key_dump)
+
+    RESULTS[(stage, "local")] = str(len(left))
+    assert_reaped(build_id, stage, left)
+    if stage != "fetch_base":
+        assert any(r.startswith("instance ") for r in KILLED[build_id]), "the kill left an instance to reap"
+    instances = [r.split()[1] for r in KILLED[build_id] if r.startswith("instance ")]
+    assert not [line for line in qemu_lines() for i in instances if i in line], "no qemu of the build survives gc"
+    if stage not in ("fetch_base",):
+        assert "released" in gc_output
+    if stage == "snapshot":
+        assert "image" in gc_output
+    assert time.monotonic() - started < 600
+
+
+@pytest.mark.vm
+def test_sigint_on_the_local_cloud_cleans_up_in_process_and_gc_finds_nothing(tmp_path, prefect_api):  # noqa: F811
+    recipe = hello_recipe(tmp_path)
+
+    result = kiln_build_with_fault(recipe, "local", "SIGINT:launch:after-launch")
+
+    assert result.returncode == 130, result.stdout + result.stderr
+    build_id = newest_build("hello")
+    assert lineage.get_build(build_id).build.status == "cancelled"
+    assert store.open_resources(build_id) == [] and local_left(build_id) == []
+    assert build_id[:8] not in kiln_gc().stdout
+    RESULTS[("SIGINT at launch", "local")] = "0"
+
+
+def secrets_left_by(build_id: str, key_dump: Path) -> None:
+    """The secret scan of a real build's outputs, before gc removes them: the database with its step logs,
+    kiln's files (catalog, statements, run state) and the snapshot's filesystem hold no private key or secret."""
+    key = KeyPair(name="build", public_key="", private_key=key_dump.read_text())
+    needles = key_needles(key)
+    images = [r for r in LocalCloud().owned({TAG_BUILD: build_id}) if r.kind == "image"]
+    assert images, "the kill after snapshot left the image to scan"
+    disk = next((settings.images_dir() / images[0].resource_id).glob("*.qcow2"))
+    database = settings.database_url()
+    kiln_files = [p for p in settings.data_dir().rglob("*") if not p.name.endswith((".qcow2", ".db", ".db-wal"))
+                  and settings.images_dir() not in p.parents]  # fmt: skip
+    hits = scan_database(database, needles) + scan_files(kiln_files, needles) + scan_image(disk, needles)
+    assert hits == [], "secrets found: " + "; ".join(map(str, hits))
+    SCANNED.append(f"build {build_id[:8]}: database, {len(kiln_files)} kiln files, image {disk.name}: clean")
+
+
+def qemu_lines() -> list[str]:
+    return subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout.splitlines()
