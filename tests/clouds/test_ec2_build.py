@@ -1,206 +1,129 @@
-"""The whole build_image flow on an ec2 target against moto, each instance's SSH side played by a local QEMU guest.
+"""`kiln build RECIPE --target ec2` for real against moto, each moto instance played by a local QEMU guest.
 
-moto's instances never boot, so the test maps what the Cloud protocol exposes of a guest (endpoint, console,
-the stop) onto a local QEMU guest launched with the same key and user-data; snapshot makes both the AMI in
-moto and the local image that later boots for verify. Every EC2 call goes to moto; customize, sanitize and
-verify run for real over SSH. Nothing of this mapping exists in product code: it is the subclass below.
+The `kiln` command runs as a user runs it, with kiln's unmodified EC2 backend: every EC2 call goes to moto's
+server, and the harness in tests/clouds/moto_guests.py gives each instance moto starts a QEMU guest at the
+instance's private address (127.77.1.x), its user-data, its console and its power state; create_image takes the
+guest's disk, so verify boots the new AMI's bits. customize, sanitize and verify run over SSH for real.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import flows.build
-from clouds.base import TAG_BUILD, TAG_ROLE, BaseImage, ImageRef, Instance, KeyPair, Resource, StopResult
+from clouds.base import TAG_BUILD, TAG_ROLE, ImageRef
 from clouds.ec2 import EC2Cloud
-from clouds.local import LocalCloud
-from kiln.recipe import BaseSpec
 from provenance import lineage, store
-from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
-from tests.conftest import REPO
-from tests.flows.conftest import committed_recipe, prefect_api  # noqa: F401 - fixture
+from tests.clouds.moto_guests import HOME, OTHER, SSM_AL2023, MotoGuests, aws_environment, write_recipe
+from tests.flows.conftest import prefect_api, run_kiln  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.vm
 
-REGION, OTHER, ACCOUNT = "us-east-1", "eu-west-1", "111122223333"
+ACCOUNT = "111122223333"
 STAGES = ["fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register"]
 
 
-class GuestBackedEC2(EC2Cloud):
-    """EC2Cloud whose instances' SSH side (endpoint, console, power) is a local QEMU guest; AMIs map to local images."""
-
-    local: LocalCloud
-    local_base: BaseImage
-
-    def attach(self, local: LocalCloud, local_base: BaseImage) -> GuestBackedEC2:
-        self.local, self.local_base = local, local_base
-        self.guests: dict[str, Instance] = {}  # EC2 instance id -> local guest
-        self.images: dict[str, ImageRef] = {}  # AMI id -> local image of the same bits
-        self.launched_from: list[str] = []  # which AMI each instance was launched from, in order
-        return self
-
-    def launch(self, base: BaseImage, key: KeyPair, user_data: str, tags: dict[str, str], ports: list[int],
-               *, role: str = "build", firewall: str | None = None) -> Instance:  # fmt: skip
-        instance = super().launch(base, key, user_data, tags, ports, role=role, firewall=firewall)
-        local = self.images.get(base.image_id)  # verify boots the local twin of the new AMI
-        local_base = self.local_base if local is None else self.local.resolve_base(BaseSpec(image=local.image_id),
-                                                                                   base.ssh_user)  # fmt: skip
-        try:
-            self.guests[instance.instance_id] = self.local.launch(local_base, key, user_data, tags, ports, role=role)
-        except BaseException:
-            super().terminate(instance)
-            raise
-        self.launched_from.append(base.image_id)
-        return instance
-
-    def endpoint(self, instance: Instance, port: int) -> tuple[str, int]:
-        return self.local.endpoint(self.guests[instance.instance_id], port)
-
-    def console(self, instance: Instance) -> str:
-        return self.local.console(self.guests[instance.instance_id])
-
-    def stop(self, instance: Instance, timeout: float = 120) -> StopResult:
-        result = self.local.stop(self.guests[instance.instance_id], timeout)
-        super().stop(instance, timeout)
-        return result
-
-    def snapshot(self, instance: Instance, name: str, tags: dict[str, str], formats: list[str]) -> ImageRef:
-        image = super().snapshot(instance, name, tags, formats)
-        self.images[image.image_id] = self.local.snapshot(self.guests[instance.instance_id], name, tags, ["qcow2"])
-        return image
-
-    def release(self, resource: Resource) -> None:
-        super().release(resource)
-        if resource.kind == "instance" and resource.resource_id in self.guests:
-            self.local.terminate(self.guests.pop(resource.resource_id))
-        if resource.kind == "image" and resource.resource_id in self.images:
-            self.local.delete_image(self.images.pop(resource.resource_id))
-
-    def terminate(self, instance: Instance) -> None:
-        self.release(Resource(self.name, "instance", instance.instance_id, region=self.region))
-
-    def delete_image(self, image: ImageRef) -> None:
-        super().delete_image(image)
-        if image.image_id in self.images:
-            self.local.delete_image(self.images.pop(image.image_id))
+@pytest.fixture(scope="module")
+def moto_guests(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterator[MotoGuests]:  # noqa: F811
+    """moto on loopback with a guest behind every instance; dummy AWS credentials for this process and `kiln`."""
+    work = tmp_path_factory.mktemp("moto-guests")
+    (work / "aws").mkdir()
+    env = aws_environment(work / "aws")
+    saved = {key: os.environ.get(key) for key in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
+    os.environ.update(env)
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    harness = MotoGuests(work, poll_seconds=0.3).start()
+    try:
+        harness.base()
+        yield harness
+    finally:
+        harness.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_drained(prefect_api: str) -> Iterator[None]:  # noqa: F811
-    """Flush Prefect's log and event workers while the server still runs: else they retry at exit, for minutes."""
-    yield
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
-
-
-@pytest.fixture
-def ec2_build(moto: str, bootstrap_base: BaseImage, monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:  # noqa: F811
-    """build_image opens a GuestBackedEC2 for ec2 targets; yields the clouds it opened, cleans their local images."""
-    opened: list[GuestBackedEC2] = []
-
-    def open_cloud(target, timeouts=None, **_):  # noqa: ANN001, ANN003, ANN202 - stands in for clouds.open_cloud
-        cloud = GuestBackedEC2.from_target(target, timeouts).attach(LocalCloud(memory_mb=1024), bootstrap_base)
-        cloud.poll_seconds = 0.2
-        opened.append(cloud)
-        return cloud
-
-    monkeypatch.setattr(flows.build, "open_cloud", open_cloud)
-    yield opened
-    for cloud in opened:
-        for local in cloud.images.values():
-            cloud.local.delete_image(local)
-
-
-def ec2_recipe(tmp_path: Path, name: str, endpoint: str, script: str) -> Path:
-    return committed_recipe(
-        tmp_path,
-        f"""name: {name}
-version: 1.0.0
-targets:
-  ec2:
-    region: {REGION}
-    endpoint_url: {endpoint}
-    base: {{ssm_parameter: {SSM_AL2023}}}
-    ssh_user: debian
-    ssh_cidr: 127.0.0.0/8
-    regions: [{OTHER}]
-    share_with: ["{ACCOUNT}"]
-scripts: [scripts/setup.sh]
-sanitize: {{disable: [zero-free-space]}}
-verify:
-  - command: {{run: cat /etc/kiln-hello, expect: hello from kiln}}
-  - port: {{port: 22}}
-""",
-        {"scripts/setup.sh": script},
-    )
-
-
-def kiln_leftovers(cloud: EC2Cloud) -> dict[str, list[str]]:
-    """What kiln-tagged resources remain, by kind, in the home region and the copy region."""
+def left_behind(harness: MotoGuests) -> dict[str, list[str]]:
+    """Every instance not terminated, key pair and non-default security group, in both regions."""
     found: dict[str, list[str]] = {}
-    for resource in cloud.owned():
-        found.setdefault(resource.kind, []).append(f"{resource.region}:{resource.resource_id}")
-    return found
+    for region in (HOME, OTHER):
+        ec2 = harness.client(region)
+        for r in ec2.describe_instances()["Reservations"]:
+            found.setdefault("instance", []).extend(
+                i["InstanceId"] for i in r["Instances"] if i["State"]["Name"] != "terminated"
+            )
+        found.setdefault("keypair", []).extend(k["KeyName"] for k in ec2.describe_key_pairs()["KeyPairs"])
+        found.setdefault("security-group", []).extend(
+            g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"] if g["GroupName"] != "default"
+        )
+    return {kind: ids for kind, ids in found.items() if ids}
 
 
-def test_ec2_build_makes_a_verified_ami_copied_shared_and_recorded_and_leaves_nothing_else(
-    tmp_path, ec2_build, moto, prefect_api  # noqa: F811
-):
-    recipe = ec2_recipe(tmp_path, "hello-ec2", moto, (REPO / "recipes/scripts/hello.sh").read_text())
+def test_kiln_build_on_ec2_makes_a_verified_ami_copied_shared_and_recorded_and_leaves_nothing_else(
+    tmp_path: Path, moto_guests: MotoGuests
+) -> None:
+    recipe = write_recipe(tmp_path / "recipe", moto_guests.endpoint, moto_guests.subnet_id)
 
-    result = flows.build.build_image(str(recipe), "ec2")
+    result = run_kiln("build", str(recipe), "--target", "ec2", "--json")
 
-    [cloud] = ec2_build
-    assert result["status"] == "succeeded", result
-    ami, build_id = result["image_id"], result["build_id"]
-    assert len(cloud.launched_from) == 2 and cloud.launched_from[1] == ami, "verify booted the new AMI"
+    assert result.returncode == 0, result.stderr[-3000:]
+    [built] = json.loads(result.stdout)
+    ami, build_id = built["image_id"], built["build_id"]
+    assert moto_guests.errors == []
     detail = lineage.get_build(build_id)
     assert [(s.stage, s.status) for s in detail.steps] == [(s, "succeeded") for s in STAGES]
     assert {p.name: p.passed for p in detail.probes} == {
         "command cat /etc/kiln-hello": True, "port :22": True, "build key rejected": True,
     }  # fmt: skip
-    left = kiln_leftovers(cloud)
-    assert sorted(left) == ["image", "snapshot"], f"only the images and their snapshots remain: {left}"
-    assert len(left["image"]) == 2 and {r.split(":")[0] for r in left["image"]} == {REGION, OTHER}
-    images = {region: cloud.ec2(region).describe_images(Owners=["self"])["Images"] for region in (REGION, OTHER)}
-    [home], [copy] = images[REGION], images[OTHER]
+    assert left_behind(moto_guests) == {}
+    cloud = EC2Cloud(HOME, endpoint_url=moto_guests.endpoint, regions=[OTHER])
+    [home] = cloud.ec2(HOME).describe_images(Owners=["self"])["Images"]
+    [copy] = cloud.ec2(OTHER).describe_images(Owners=["self"])["Images"]
     assert home["ImageId"] == ami
-    for each, region in ((home, REGION), (copy, OTHER)):
+    for each, region in ((home, HOME), (copy, OTHER)):
         tags = {t["Key"]: t["Value"] for t in each["Tags"]}
         assert tags[TAG_BUILD] == build_id and tags[TAG_ROLE] == "image" and tags["kiln:recipe"] == "hello-ec2"
-        assert cloud.launch_permissions(ImageRef("ec2", each["ImageId"], "", region)) == [ACCOUNT]
+        ref = ImageRef("ec2", each["ImageId"], "", region)
+        assert cloud.launch_permissions(ref) == [ACCOUNT]
+        assert set(map(tuple, cloud.volume_permissions(ref).values())) == {(ACCOUNT,)}
     rows = {summary.image.region: summary for summary in lineage.list_images(cloud="ec2", recipe="hello-ec2")}
-    assert set(rows) == {REGION, OTHER}
-    assert rows[REGION].image.image_id == ami and rows[REGION].image.kind == "built"
+    assert set(rows) == {HOME, OTHER}
+    assert rows[HOME].image.image_id == ami and rows[HOME].image.kind == "built"
     assert rows[OTHER].image.image_id == copy["ImageId"] and rows[OTHER].image.kind == "copy"
-    assert rows[REGION].build_id == rows[OTHER].build_id == build_id
-    assert rows[REGION].image.parent_id == rows[OTHER].image.parent_id
-    base_ami = cloud.client("ssm").get_parameter(Name=SSM_AL2023)["Parameter"]["Value"]
-    assert rows[REGION].parent_image_id == rows[OTHER].parent_image_id == base_ami
-    assert {i.image.image_id for i in detail.images} >= {ami, copy["ImageId"]}
+    assert rows[HOME].build_id == rows[OTHER].build_id == build_id
+    base_ami = moto_guests.client(HOME, "ssm").get_parameter(Name=SSM_AL2023)["Parameter"]["Value"]
+    assert rows[HOME].parent_image_id == rows[OTHER].parent_image_id == base_ami
     assert store.open_resources(build_id) == []
+    lineage_json = run_kiln("lineage", ami, "--format", "json")
+    assert lineage_json.returncode == 0, lineage_json.stderr
+    assert copy["ImageId"] in lineage_json.stdout and OTHER in lineage_json.stdout
 
 
-def test_ec2_build_failing_in_customize_leaves_no_instance_key_group_or_image(
-    tmp_path, ec2_build, moto, prefect_api  # noqa: F811
-):
-    recipe = ec2_recipe(tmp_path, "broken-ec2", moto, "#!/bin/sh\necho about to fail\nexit 3\n")
+def test_kiln_build_on_ec2_failing_in_customize_leaves_no_instance_key_group_or_image(
+    tmp_path: Path, moto_guests: MotoGuests
+) -> None:
+    recipe = write_recipe(tmp_path / "recipe", moto_guests.endpoint, moto_guests.subnet_id,
+                          script="#!/bin/sh\necho about to fail\nexit 3\n")  # fmt: skip
+    before = {i.image.image_id for i in lineage.list_images(cloud="ec2")}
 
-    with pytest.raises(Exception, match="exit code 3"):
-        flows.build.build_image(str(recipe), "ec2")
+    result = run_kiln("build", str(recipe), "--target", "ec2", "--json")
 
-    [cloud] = ec2_build
-    assert kiln_leftovers(cloud) == {}
-    [build] = lineage.list_builds(recipe="broken-ec2")
-    detail = lineage.get_build(build.build.id)
-    assert detail.build.status == "failed" and detail.build.stage == "customize"
-    assert [s.stage for s in detail.steps] == STAGES[:4] and "about to fail" in detail.steps[-1].log
-    assert [i.image.image_id for i in lineage.list_images(cloud="ec2", recipe="broken-ec2")] == []
-    assert detail.images == []
-    assert store.open_resources(build.build.id) == []
+    assert result.returncode == 1, result.stderr[-3000:]
+    [outcome] = json.loads(result.stdout)
+    assert outcome["status"] == "failed" and outcome["stage"] == "customize" and "exit code 3" in outcome["error"]
+    assert left_behind(moto_guests) == {}
+    detail = lineage.get_build(outcome["build_id"])
+    assert detail.build.stage == "customize" and [s.stage for s in detail.steps] == STAGES[:4]
+    assert "about to fail" in detail.steps[-1].log
+    assert detail.images == [] and {i.image.image_id for i in lineage.list_images(cloud="ec2")} == before
+    assert store.open_resources(outcome["build_id"]) == []
+    images = moto_guests.client(HOME).describe_images(Owners=["self"], Filters=[
+        {"Name": f"tag:{TAG_BUILD}", "Values": [outcome["build_id"]]}])["Images"]  # fmt: skip
+    assert images == []
