@@ -49,6 +49,9 @@ from clouds.base import (
 log = logging.getLogger(__name__)
 
 OPEN_TO_ALL = "0.0.0.0/0"
+TAG_STATUS = "kiln:status"
+TAG_REVOKED_REASON = "kiln:revoked-reason"
+MAX_TAG_VALUE = 256  # EC2's limit on a tag value's length
 GONE = {  # error codes meaning "it is not there": a delete of it has nothing left to do
     "InvalidInstanceID.NotFound",
     "InvalidKeyPair.NotFound",
@@ -500,6 +503,15 @@ class EC2Cloud:
         region = image.region or self.region
         snapshots = snapshot_ids(self._image_by_id(image.image_id, region))
         self.ec2(region).create_tags(Resources=[image.image_id, *snapshots], Tags=tag_list(tags))
+
+    def revoke_image(self, image: ImageRef, reason: str) -> None:
+        """Tag the AMI revoked (with the reason) and deprecate it: EC2 then hides it from launch wizards and
+        from DescribeImages of other accounts, while instances already running on it keep working."""
+        region = image.region or self.region
+        self.tag_image(image, {TAG_STATUS: "revoked", TAG_REVOKED_REASON: reason[:MAX_TAG_VALUE]})
+        # EC2 refuses a deprecation time in the past and rounds seconds to the minute: the next whole minute.
+        now = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+        self.ec2(region).enable_image_deprecation(ImageId=image.image_id, DeprecateAt=now + dt.timedelta(minutes=1))
 
     def delete_image(self, image: ImageRef) -> None:
         """Deregister the AMI, then delete its snapshots; what is gone already is success."""

@@ -275,6 +275,33 @@ def test_delete_image_deregisters_and_deletes_its_snapshots_and_is_idempotent(ec
     assert not remaining & set(snapshots)
 
 
+def test_revoke_tags_the_ami_and_its_snapshots_and_deprecates_it_from_the_next_minute(ec2, base):
+    image = built_image(ec2, base)
+    deprecations: list[dict] = []
+
+    def answer_deprecation(**_: object) -> tuple[object, dict]:
+        # moto has no EnableImageDeprecation: answer that one call, as EC2 does, before it leaves the client.
+        return SimpleNamespace(status_code=200), {"Return": True, "ResponseMetadata": {"HTTPStatusCode": 200}}
+
+    events = ec2.ec2().meta.events
+    events.register("provide-client-params.ec2.EnableImageDeprecation", lambda params, **_: deprecations.append(params))
+    events.register("before-call.ec2.EnableImageDeprecation", answer_deprecation)
+    before = dt.datetime.now(dt.UTC)
+    ec2.revoke_image(ImageRef("ec2", image.image_id, "", REGION), "CVE-2026-1234 " + "x" * 300)
+
+    described = ec2.ec2().describe_images(ImageIds=[image.image_id])["Images"][0]
+    tags = {tag["Key"]: tag["Value"] for tag in described["Tags"]}
+    assert tags["kiln:status"] == "revoked"
+    assert tags["kiln:revoked-reason"].startswith("CVE-2026-1234 ") and len(tags["kiln:revoked-reason"]) == 256
+    for snapshot in image.details["snapshots"]:
+        found = ec2.ec2().describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]
+        assert {"Key": "kiln:status", "Value": "revoked"} in found["Tags"]
+    assert len(deprecations) == 1 and deprecations[0]["ImageId"] == image.image_id
+    deprecate_at = deprecations[0]["DeprecateAt"]
+    assert deprecate_at > before and deprecate_at.second == 0
+    assert deprecate_at - before <= dt.timedelta(minutes=1)
+
+
 def test_replicate_copies_to_each_region_with_tags_and_shares_every_copy_and_its_snapshots(ec2, base):
     image = built_image(ec2, base)
     image_tags = {**TAGS, TAG_ROLE: "image"}
