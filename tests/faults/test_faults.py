@@ -179,9 +179,11 @@ def test_sigint_on_the_local_cloud_cleans_up_in_process_and_gc_finds_nothing(tmp
 
     assert result.returncode == 130, result.stdout + result.stderr
     build_id = newest_build("hello")
+    left, still_open = local_left(build_id), store.open_resources(build_id)
+    gc_output = kiln_gc().stdout  # first, so a failure here leaves no qemu behind
     assert lineage.get_build(build_id).build.status == "cancelled"
-    assert store.open_resources(build_id) == [] and local_left(build_id) == []
-    assert build_id[:8] not in kiln_gc().stdout
+    assert still_open == [] and left == []
+    assert build_id[:8] not in gc_output
     RESULTS[("SIGINT at launch", "local")] = "0"
 
 
