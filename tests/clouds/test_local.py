@@ -28,6 +28,7 @@ from kiln.recipe import LocalTarget
 from tests.clouds.conftest import Spec, our_qemu_processes, user_data
 
 TAGS = {"kiln:build-id": "test-build", "kiln:recipe": "tests"}
+GROWN_DISK_GB = 3  # the bootstrap base is 2 GiB
 OVF_NS = {"ovf": "http://schemas.dmtf.org/ovf/envelope/1"}
 OVF = "{http://schemas.dmtf.org/ovf/envelope/1}"
 RASD = "{http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData}"
@@ -462,8 +463,10 @@ def dispose(cloud: LocalCloud, instance: Instance, shared: set[str]) -> None:
 
 @pytest.fixture(scope="module")
 def build_guest(cloud: LocalCloud, bootstrap_base: BaseImage, shared_instances: set[str]) -> Iterator[Guest]:
-    """One boot of the bootstrap base shared by the tests below (each TCG boot costs about a minute)."""
-    guest = boot(cloud, bootstrap_base, "build", shared_instances)
+    """One boot of the bootstrap base shared by the tests below (each TCG boot costs about a minute), on a disk
+    grown past the base's size so cloud-init's growpart and resizefs have something to do."""
+    grown = LocalCloud(state_dir=cloud.state_dir, images_dir=cloud.images_dir, disk_size_gb=GROWN_DISK_GB)
+    guest = boot(grown, bootstrap_base, "build", shared_instances)
     logging.getLogger(__name__).info("bootstrap base: boot to SSH in %.1fs", guest.boot_seconds)
     try:
         yield guest
@@ -504,6 +507,15 @@ def test_the_base_boots_from_its_own_disk_and_logs_in_with_the_build_key(cloud: 
     with pytest.raises(ssh.CommandFailed) as failure:
         session.run("echo about to fail; false", timeout=60)
     assert failure.value.exit_code == 1 and "about to fail" in failure.value.tail
+
+
+@pytest.mark.vm
+def test_the_root_filesystem_grows_to_the_launched_disk_size(bootstrap_base: BaseImage, build_guest: Guest) -> None:
+    base_bytes = int(qemu.image_info(bootstrap_base.image_id)["virtual-size"])
+    disk = build_guest.session.run("lsblk -bdno SIZE /dev/vda", timeout=60).stdout.strip()
+    root = build_guest.session.run("df -B1 --output=size / | tail -1", timeout=60).stdout.strip()
+    assert int(disk) == GROWN_DISK_GB * 1024**3 > base_bytes
+    assert int(root) > base_bytes, "growpart and resize2fs took the root filesystem past the base's size"
 
 
 @pytest.mark.vm
