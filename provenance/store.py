@@ -415,12 +415,26 @@ def ledger_created(resource_row_id: int, cloud_id: str) -> bool:
     """The cloud call returned: remember the id the cloud gave the resource. False when the row had been
     released meanwhile (a Ctrl-C cleanup ran during the call): it is open again, the caller must release it."""
     with _writing() as session:
+        _serialize(session, f"ledger:{resource_row_id}")
         row = _get(session, Resource, resource_row_id)
         row.cloud_id = cloud_id
         was_open = row.released is None
         row.released = None
         session.add(row)
         return was_open
+
+
+def ledger_abandon(resource_row_id: int) -> str | None:
+    """Close a row whose cloud call has reported no id (a cleanup racing the call). Atomic with ledger_created:
+    if the id arrived meanwhile, the row stays open and the id is returned, for the caller to release."""
+    with _writing() as session:
+        _serialize(session, f"ledger:{resource_row_id}")
+        row = _get(session, Resource, resource_row_id)
+        if row.cloud_id:
+            return row.cloud_id
+        row.released = row.released or utcnow()
+        session.add(row)
+        return None
 
 
 def ledger_released(resource_row_id: int, *, error: str | None = None) -> None:

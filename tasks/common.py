@@ -227,10 +227,10 @@ def release_open(plan: BuildPlan, *, role: str | None = None, keep: frozenset[st
     for row in sorted(store.open_resources(plan.build_id), key=lambda r: r.id, reverse=True):
         if (role and row_tags(row).get(TAG_ROLE) != role) or row.cloud_id in keep:
             continue
-        if not row.cloud_id:
-            store.ledger_released(row.id)  # never created; a stray is found by tag by `kiln gc`
-            continue
-        error = _release_one(plan, row.id, row.kind, row.cloud_id, row.region or "")
+        cloud_id = row.cloud_id or store.ledger_abandon(row.id)  # the id may arrive while we look
+        if not cloud_id:
+            continue  # never created; a stray is found by tag by `kiln gc`
+        error = _release_one(plan, row.id, row.kind, cloud_id, row.region or "")
         if error:
             errors.append(error)
     return errors

@@ -170,8 +170,6 @@ def test_sigkill_on_the_local_cloud_then_gc_leaves_nothing_and_the_build_interru
 
 
 @pytest.mark.vm
-@pytest.mark.xfail(strict=True, reason="known defect, open: a SIGINT right after LocalCloud.launch returns leaves the "
-                   "instance and its qemu to gc (found by tag) instead of releasing them in-process")
 def test_sigint_on_the_local_cloud_cleans_up_in_process_and_gc_finds_nothing(tmp_path, prefect_api):  # noqa: F811
     recipe = hello_recipe(tmp_path)
 

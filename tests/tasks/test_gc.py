@@ -237,3 +237,25 @@ def test_a_resource_created_after_ctrl_c_released_its_build_is_released_at_once(
     assert [r.resource_id for r in plan.cloud.released] == ["i-0123456789ab"]
     assert store.open_resources(plan.build_id) == []
     store.finish_build(plan.build_id, "cancelled")
+
+
+def test_a_resource_whose_id_arrives_while_ctrl_c_reads_the_ledger_is_released_by_that_cleanup(monkeypatch):
+    from tasks.common import ledgered, release_open
+    from tests.tasks.test_stages import new_plan
+
+    plan = new_plan()
+    read_open_rows = store.open_resources
+
+    def rows_then_the_cloud_call_returns(build_id: str | None = None):  # noqa: ANN202
+        rows = read_open_rows(build_id)  # the cleanup sees the intent row without an id…
+        created("i-0fedcba987654")  # …and the cloud call reports its new instance before the cleanup acts
+        return rows
+
+    with ledgered(plan, kind="instance", name="kiln-race") as created:
+        monkeypatch.setattr(store, "open_resources", rows_then_the_cloud_call_returns)
+        assert release_open(plan) == []
+        monkeypatch.setattr(store, "open_resources", read_open_rows)
+
+    assert [r.resource_id for r in plan.cloud.released] == ["i-0fedcba987654"]
+    assert store.open_resources(plan.build_id) == []
+    store.finish_build(plan.build_id, "cancelled")
