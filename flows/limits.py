@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ CLOUD_DEFAULTS = {"ec2": 4, "openstack": 4}
 # The slot is leased and renewed in the background while held: a killed worker's slot frees itself within a
 # minute (Prefect's shortest lease), not the five minutes of its default.
 LEASE_SECONDS = 60
+# On the ephemeral server the slots are counted in this process: that server keeps its leases in memory and
+# dies with the process, while the slot count sits in the SQLite file every ephemeral server on the host
+# shares — a killed `kiln build` would hold its slot there for ever and every later build would wait.
+_PROCESS_SLOTS: dict[str, threading.BoundedSemaphore] = {}
+_PROCESS_SLOTS_LOCK = threading.Lock()
 
 
 class LimitMissing(RuntimeError):
@@ -120,9 +126,12 @@ def ensure_default(name: str) -> bool:
 @contextmanager
 def vm_slot(name: str) -> Iterator[None]:
     """Hold one slot of `name` (waiting for a free one); a missing limit is an error, except on the ephemeral
-    server, where the default is created first."""
+    server, where the default is created first and the slots are counted in this process."""
     if on_ephemeral_server():
         ensure_default(name)
+        with _process_slot(name):
+            yield
+        return
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 
     try:
@@ -137,6 +146,19 @@ def vm_slot(name: str) -> Iterator[None]:
                 f"once with `kiln limits set {name.removeprefix(PREFIX)} N` (default {default_limit(name)})"
             ) from None
         raise
+
+
+@contextmanager
+def _process_slot(name: str) -> Iterator[None]:
+    """One of the limit's slots among this process's builds (the limit's value as set, else its default)."""
+    with _PROCESS_SLOTS_LOCK:
+        if name not in _PROCESS_SLOTS:
+            with get_client(sync_client=True) as client:
+                size = client.read_global_concurrency_limit_by_name(name).limit
+            _PROCESS_SLOTS[name] = threading.BoundedSemaphore(max(1, size))
+        slots = _PROCESS_SLOTS[name]
+    with slots:
+        yield
 
 
 def _exists(name: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import subprocess
 import sys
@@ -129,3 +130,35 @@ def test_a_killed_holder_frees_its_slot_within_minutes(bare_server):
     with vm_slot("kiln-vms-openstack-crash"):
         waited = time.monotonic() - started
     assert waited < 180, f"the dead holder's slot was released only after {waited:.0f} s"
+
+
+EPHEMERAL_HOLDERS = """
+import json, threading, time
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+from flows.limits import vm_slot, ensure_default
+ensure_default("kiln-vms-local")
+with get_client(sync_client=True) as client:  # a crashed earlier process left its slot taken in the shared file
+    client.update_global_concurrency_limit("kiln-vms-local", GlobalConcurrencyLimitUpdate(limit=1, active_slots=1))
+intervals, lock = [], threading.Lock()
+def hold():
+    with vm_slot("kiln-vms-local"):
+        started = time.monotonic(); time.sleep(1.0)
+        with lock:
+            intervals.append((started, time.monotonic()))
+threads = [threading.Thread(target=hold) for _ in range(3)]
+[t.start() for t in threads]; [t.join(120) for t in threads]
+print(json.dumps(sorted(intervals)))
+"""
+
+
+def test_on_the_ephemeral_server_a_slot_left_by_a_dead_process_does_not_block_and_the_cap_holds_in_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    ran = subprocess.run([sys.executable, "-c", EPHEMERAL_HOLDERS], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    intervals = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert len(intervals) == 3
+    assert all(later[0] >= earlier[1] for earlier, later in zip(intervals, intervals[1:], strict=False)), intervals
