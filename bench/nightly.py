@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.prefect_server import PREFECT, prefect_server, server_env
+from tests.prefect_server import PREFECT, prefect_server, server_env, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 SKIP_TARGET_SECONDS = 10.0
@@ -87,12 +86,7 @@ def worker(home: Path, api_url: str, pool: str) -> Iterator[None]:
     try:
         yield
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, grace=30)
         log.close()
 
 

@@ -62,13 +62,18 @@ def prefect_server(
             create_limit(api_url, name, limit)
         yield api_url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, grace=20)
         log.close()
+
+
+def stop_group(proc: subprocess.Popen, *, grace: float) -> None:
+    """Stop a process started with start_new_session and everything it started: TERM, then KILL after `grace` s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def create_limit(api_url: str, name: str, limit: int) -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -32,7 +30,7 @@ from tests.clouds.conftest import bootstrap_base, cloud, our_qemu_processes  # n
 from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
 from tests.conftest import REPO
 from tests.flows.conftest import KILN, committed_recipe
-from tests.prefect_server import PREFECT, prefect_server, server_env
+from tests.prefect_server import PREFECT, prefect_server, server_env, stop_group
 from tests.provenance.conftest import _create_database, postgres_server  # noqa: F401 - fixture
 from tests.scale.shared_guest import ADMIN, ENV, SharedGuest
 
@@ -128,12 +126,7 @@ def worker(name: str, env: dict[str, str], logs: Path) -> Iterator[subprocess.Po
     try:
         yield proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, grace=60)
         log.close()
 
 
