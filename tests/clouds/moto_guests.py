@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,8 @@ class MotoGuests:
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port or _free_port(), verbose=False)
         self.server.start()
         self.endpoint = f"http://127.0.0.1:{self.server._port}"
+        # moto's backends are global to the process: another moto server here (the EC2 API tests') shares them.
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"), timeout=30)
         ec2 = self.client(HOME)
         vpc = ec2.create_vpc(CidrBlock=VPC_CIDR)["Vpc"]["VpcId"]
         self.subnet_id = ec2.create_subnet(VpcId=vpc, CidrBlock=SUBNET_CIDR)["Subnet"]["SubnetId"]
