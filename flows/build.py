@@ -20,7 +20,7 @@ from clouds import open_cloud
 from flows.limits import limit_name_for, vm_slot
 from kiln import settings
 from kiln.recipe import Target, load_recipe
-from provenance import gitinfo, lineage, store
+from provenance import attest, gitinfo, lineage, store
 from tasks.common import BuildPlan, describe, release_open
 from tasks.customize import customize
 from tasks.fetch_base import fetch_base
@@ -62,6 +62,8 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
     recipe = load_recipe(recipe_path)
     if target not in recipe.targets:
         raise BadInput(f"{recipe_path}: targets.{target}: no such target (have: {', '.join(recipe.targets)})")
+    if problem := attest.signing_key_problem():
+        raise BadInput(problem)  # the register stage would sign with it: fail before anything launches
     git = gitinfo.capture(recipe.path, recipe.referenced_files())
     if require_clean:
         gitinfo.require_clean(git)
@@ -176,6 +178,8 @@ def targets_of(request: BuildRequest) -> list[str]:
     unknown = [t for t in targets if t not in recipe.targets]
     if unknown:
         raise BadInput(f"{request.recipe}: targets.{unknown[0]}: no such target (have: {', '.join(recipe.targets)})")
+    if problem := attest.signing_key_problem():
+        raise BadInput(problem)
     return targets
 
 

@@ -12,8 +12,9 @@ from tasks.gc import GcReport, find_leftovers, parse_duration, release_leftovers
 def collect_garbage(
     *, dry_run: bool = False, older_than: dt.timedelta | None = None, cloud: str | None = None
 ) -> GcReport:
-    """Mark dead builds interrupted, then release (or, dry, list) what non-running builds left behind."""
-    return release_leftovers(find_leftovers(older_than=older_than, cloud=cloud), dry_run=dry_run)
+    """Mark dead builds interrupted, then release what non-running builds left behind (dry: write nothing,
+    say what would be done)."""
+    return release_leftovers(find_leftovers(older_than=older_than, cloud=cloud, dry_run=dry_run), dry_run=dry_run)
 
 
 @flow(name="reaper")
@@ -22,7 +23,8 @@ def reaper(older_than: str = "0s", cloud: str | None = None, dry_run: bool = Fal
     log = get_run_logger()
     report = collect_garbage(dry_run=dry_run, older_than=parse_duration(older_than) or None, cloud=cloud)
     for build_id in report.interrupted:
-        log.info("build %s: its process is gone; marked interrupted", build_id)
+        log.info("build %s: its process is gone; %s", build_id,
+                 "would be marked interrupted" if dry_run else "marked interrupted")
     for problem in report.unreachable:
         log.warning("could not list %s", problem)
     lines = [

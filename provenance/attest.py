@@ -62,6 +62,18 @@ def configured_key() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def signing_key_problem() -> str | None:
+    """Why KILN_SIGNING_KEY cannot sign (None: unset or usable); builds check it before anything launches."""
+    path = configured_key()
+    if path is None:
+        return None
+    try:
+        load_private_key(path)
+    except AttestationError as exc:
+        return f"{KEY_ENV}: {exc}"
+    return None
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)

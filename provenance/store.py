@@ -319,13 +319,24 @@ def set_flow_run_id(build_id: str, flow_run_id: str) -> None:
         session.add(build)
 
 
+def dead_builds() -> list[str]:
+    """Builds still "running" on this host whose process is gone (read only: what gc --dry-run reports)."""
+    with Session(engine()) as session:
+        return [build.id for build in _dead_running_builds(session)]
+
+
+def _dead_running_builds(session: Session) -> list[Build]:
+    host = socket.gethostname()
+    running = session.exec(select(Build).where(Build.status == "running", Build.host == host)).all()
+    return [build for build in running if not _process_alive(build.pid, build.started)]
+
+
 def mark_interrupted_builds() -> list[str]:
     """Builds still "running" on this host whose process is gone become "interrupted" (stage kept)."""
     host = socket.gethostname()
     now = utcnow()
     with _writing() as session:
-        running = session.exec(select(Build).where(Build.status == "running", Build.host == host)).all()
-        dead = [build for build in running if not _process_alive(build.pid, build.started)]
+        dead = _dead_running_builds(session)
         for build in dead:
             build.status = "interrupted"
             build.finished = now

@@ -114,10 +114,13 @@ def _running(status: str) -> bool:
 
 
 def find_leftovers(
-    *, older_than: dt.timedelta | None = None, cloud: str | None = None, clouds: Clouds | None = None
+    *, older_than: dt.timedelta | None = None, cloud: str | None = None, clouds: Clouds | None = None,
+    dry_run: bool = False,
 ) -> GcReport:
-    """Mark dead builds interrupted, then collect what non-running builds still hold (nothing is released)."""
-    interrupted = store.mark_interrupted_builds()
+    """Mark dead builds interrupted (dry: only find them, writing nothing), then collect what non-running
+    builds still hold (nothing is released)."""
+    interrupted = store.dead_builds() if dry_run else store.mark_interrupted_builds()
+    dead = set(interrupted)
     clouds = clouds or Clouds()
     clouds.add_local()
     for target_name, spec in lineage.recorded_cloud_targets():
@@ -127,9 +130,9 @@ def find_leftovers(
             continue
     cutoff = dt.datetime.now(dt.UTC) - older_than if older_than else None
     items: dict[tuple, Leftover] = {}
-    _ledger_leftovers(items, clouds, cutoff, cloud)
+    _ledger_leftovers(items, clouds, cutoff, cloud, dead)
     unreachable = _tagged_leftovers(items, clouds.selected(cloud), cutoff)
-    _attach_builds(items.values())
+    _attach_builds(items.values(), dead)
     leftovers = []
     for item in items.values():
         if not item.build_status:
@@ -143,8 +146,13 @@ def find_leftovers(
     return GcReport(leftovers, interrupted, unreachable)
 
 
+def _status(summary: Any, dead: set[str]) -> str:
+    """The build's status, "interrupted" for a dead build a dry run did not mark."""
+    return "interrupted" if summary.build.id in dead else summary.build.status
+
+
 def _ledger_leftovers(
-    items: dict[tuple, Leftover], clouds: Clouds, cutoff: dt.datetime | None, only: str | None
+    items: dict[tuple, Leftover], clouds: Clouds, cutoff: dt.datetime | None, only: str | None, dead: set[str]
 ) -> None:
     """Open ledger rows of builds that are not running (a row with no cloud id: the call never returned)."""
     rows = store.open_resources()
@@ -152,7 +160,7 @@ def _ledger_leftovers(
     backends: dict[str, Any] = {}
     for row in rows:
         summary = builds.get(row.build_id)
-        if summary is None or _running(summary.build.status):
+        if summary is None or _running(_status(summary, dead)):
             continue
         if cutoff is not None and row.created > cutoff:
             continue
@@ -160,7 +168,7 @@ def _ledger_leftovers(
             continue
         if not row.cloud_id:
             items.setdefault(("ledger-intent", row.id), Leftover(row.cloud, row.kind, "", row.region or "",
-                                                                row.build_id, summary.build.status, row.created,
+                                                                row.build_id, _status(summary, dead), row.created,
                                                                 [row.id]))  # fmt: skip
             continue
         backend = backends.get(row.build_id)
@@ -210,12 +218,12 @@ def _tagged_leftovers(items: dict[tuple, Leftover], backends: Iterable[Any], cut
     return unreachable
 
 
-def _attach_builds(items: Iterable[Leftover]) -> None:
+def _attach_builds(items: Iterable[Leftover], dead: set[str]) -> None:
     items = list(items)
     builds = lineage.builds_by_id([i.build_id for i in items if i.build_id])
     for item in items:
         summary = builds.get(item.build_id)
-        item.build_status = summary.build.status if summary else ""
+        item.build_status = _status(summary, dead) if summary else ""
 
 
 def release_leftovers(report: GcReport, *, dry_run: bool = False) -> GcReport:

@@ -155,14 +155,10 @@ def _check_signing_key() -> None:
     """The register stage signs with KILN_SIGNING_KEY when it is set: an unreadable key stops the build here."""
     from provenance import attest
 
-    path = attest.configured_key()
-    if path is None:
-        return
-    try:
-        attest.load_private_key(path)
-    except attest.AttestationError as exc:
-        err.print(Text(f"{attest.KEY_ENV}: {exc}"))
-        raise typer.Exit(2) from None
+    problem = attest.signing_key_problem()
+    if problem:
+        err.print(Text(problem))
+        raise typer.Exit(2)
 
 
 def _report(results: list[dict], as_json: bool, on_error: str) -> None:

@@ -39,7 +39,8 @@ def register(app: typer.Typer) -> None:
 
 def print_report(report, console: Console, *, dry_run: bool) -> None:  # noqa: ANN001 - a tasks.gc.GcReport
     for build_id in report.interrupted:
-        console.print(f"build {build_id}: its process is gone; marked interrupted")
+        done = "would be marked interrupted" if dry_run else "marked interrupted"
+        console.print(f"build {build_id}: its process is gone; {done}")
     for problem in report.unreachable:
         console.print(Text(f"could not list {problem}", style="red"))
     if not report.leftovers:

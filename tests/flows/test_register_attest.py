@@ -132,6 +132,16 @@ def test_an_unreadable_signing_key_stops_kiln_build_before_anything_launches(tmp
     assert len(lineage.list_builds(limit=1000)) == builds_before
 
 
+def test_an_unreadable_signing_key_fails_a_deployment_run_before_any_build_starts(tmp_path, monkeypatch) -> None:
+    """A run from the Prefect UI bypasses the CLI's checks: the flow's own validation catches the key."""
+    from flows.build import BadInput, BuildRequest, targets_of
+
+    monkeypatch.setenv(attest.KEY_ENV, str(tmp_path / "missing.key"))
+
+    with pytest.raises(BadInput, match=attest.KEY_ENV):
+        targets_of(BuildRequest(recipe=str(REPO / "recipes/hello.yaml")))
+
+
 @pytest.fixture(autouse=True)
 def _no_catalog_left(tmp_path) -> None:
     """Catalog entries live in the session's kiln home: remove this test's, so later tests see only theirs."""

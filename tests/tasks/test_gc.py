@@ -158,11 +158,14 @@ def test_gc_dry_run_lists_without_releasing_and_a_second_gc_finds_nothing():
     instance = local_instance(cloud, dead)
     ledger(dead, "instance", instance)
 
-    dry = release_leftovers(find_leftovers(), dry_run=True)
+    dry = release_leftovers(find_leftovers(dry_run=True), dry_run=True)
     assert [(i.resource_id, i.action) for i in mine(dry, {dead})] == [(instance, "would release")]
+    assert dead in dry.interrupted, "the dry run says the dead build would be marked interrupted"
     assert (cloud.state_dir / instance).exists() and store.open_resources(dead)
+    assert lineage.get_build(dead).build.status == "running", "a dry run writes nothing"
 
-    release_leftovers(find_leftovers())
+    report = release_leftovers(find_leftovers())
+    assert dead in report.interrupted and lineage.get_build(dead).build.status == "interrupted"
     again = release_leftovers(find_leftovers())
     assert mine(again, {dead}) == [] and not (cloud.state_dir / instance).exists()
 
