@@ -50,6 +50,7 @@ class LocalCloud:
     """QEMU on this machine: overlays on cached bases, user networking on 127.0.0.1, images as files."""
 
     name = "local"
+    console_poll_seconds = 0.5  # the console is a local file: the boot wait may read it often
 
     def __init__(
         self,
@@ -296,7 +297,8 @@ class LocalCloud:
             "-device", "virtio-blk-pci,drive=disk0,bootindex=1",
             "-drive", f"if=none,id=seed,file={seed},format=raw,readonly=on",
             "-device", "virtio-blk-pci,drive=seed",
-            "-netdev", f"user,id=net0,{hostfwd}", "-device", "virtio-net-pci,netdev=net0",
+            # romfile= (none): no iPXE option ROM for SeaBIOS to load and run on every boot; we boot from disk
+            "-netdev", f"user,id=net0,{hostfwd}", "-device", "virtio-net-pci,netdev=net0,romfile=",
             "-device", "virtio-rng-pci",
             "-serial", f"file:{directory / 'console.log'}",
             "-qmp", f"unix:{qmp},server=on,wait=off",

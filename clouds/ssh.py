@@ -40,6 +40,11 @@ CONSOLE_TAIL_LINES = 30
 # finished without them, or HOST_KEY_GRACE seconds after SSH first answered if cloud-init never says so.
 HOST_KEY_GRACE = 240.0
 FINISHED_GRACE = 20.0
+# How often the boot wait reads the console for the fingerprints by default (a cloud API call; a cloud whose
+# console is a local file passes a shorter console_poll_seconds: the guest pays nothing for it), and how often
+# it retries a refused login (each try costs the guest an SSH handshake, seconds of CPU under TCG).
+CONSOLE_POLL_SECONDS = 2.0
+LOGIN_RETRY_SECONDS = 2.0
 _CLOUD_INIT_FINISHED = re.compile(r"Cloud-init v\. \S+ finished at")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MODE = re.compile(r"^[0-7]{3,4}$")
@@ -299,10 +304,16 @@ class GuestSession:
         """Block until cloud-init is done (if the guest has it); its errors fail, recoverable ones warn.
 
         When /run/cloud-init/result.json exists cloud-init has finished (its final stage writes it last),
-        and reading it spares a `cloud-init status` run, several seconds of Python under TCG; otherwise
-        `cloud-init status --wait --long` waits for it.
+        and reading it spares a `cloud-init status` run, several seconds of Python under TCG. While cloud-init
+        runs (status.json is there, result.json not yet: the login often lands between the fingerprints and
+        the end of the final stage) a shell loop waits for result.json, for up to RESULT_WAIT_SECONDS;
+        otherwise (no cloud-init state at all, or a stage that never ends) `cloud-init status --wait --long`
+        decides.
         """
+        polls = int(RESULT_WAIT_SECONDS / 0.2)
         result = self.run(
+            f"n=0; while [ ! -e {CLOUD_INIT_RESULT} ] && [ -e {CLOUD_INIT_STATUS} ] && [ $n -lt {polls} ]; "
+            "do sleep 0.2; n=$((n+1)); done; "
             f"if [ -e {CLOUD_INIT_RESULT} ]; then echo {_RESULT_MARKER}; cat {CLOUD_INIT_RESULT}; "
             "elif command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait --long; "
             "else echo 'status: no cloud-init'; fi",
@@ -324,6 +335,8 @@ class GuestSession:
 
 
 CLOUD_INIT_RESULT = "/run/cloud-init/result.json"
+CLOUD_INIT_STATUS = "/run/cloud-init/status.json"  # written as each stage starts and ends
+RESULT_WAIT_SECONDS = 120.0
 _RESULT_MARKER = "KILN-CLOUD-INIT-RESULT"
 
 
@@ -401,6 +414,7 @@ def wait_for_ssh(
     timeout: float,
     host_key_grace: float = HOST_KEY_GRACE,
     finished_grace: float = FINISHED_GRACE,
+    console_poll_seconds: float = CONSOLE_POLL_SECONDS,
 ) -> GuestSession:
     """Retry until SSH authenticates with key, then wait for cloud-init, all within timeout.
 
@@ -445,7 +459,7 @@ def wait_for_ssh(
                     )
                 if answered_at is not None:
                     last_error = "SSH answers; waiting for the host key fingerprints on the console"
-                time.sleep(min(2, max(0, deadline - time.monotonic())))
+                time.sleep(min(console_poll_seconds, max(0, deadline - time.monotonic())))
                 continue
         try:
             session = connect(host, port, user, key, expected_host_keys=expected, timeout=min(30, remaining))
@@ -454,7 +468,7 @@ def wait_for_ssh(
         except (OSError, EOFError, paramiko.SSHException) as exc:
             # refused or reset while booting, no banner yet, or the user not created yet by cloud-init
             last_error = f"{type(exc).__name__}: {exc}".strip()
-            time.sleep(min(2, max(0, deadline - time.monotonic())))
+            time.sleep(min(LOGIN_RETRY_SECONDS, max(0, deadline - time.monotonic())))
     try:
         session.wait_cloud_init(max(1.0, deadline - time.monotonic()))
     except CommandTimeout as exc:

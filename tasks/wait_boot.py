@@ -22,6 +22,7 @@ def connect_when_booted(plan: BuildPlan, guest: Guest, step_log: StepLog) -> Non
         expected_host_keys_from=lambda: ssh.host_key_fingerprints_from_console(console_of_held(plan, instance)),
         console=lambda: console_of_held(plan, instance),
         timeout=plan.recipe.timeouts.boot,
+        console_poll_seconds=getattr(cloud, "console_poll_seconds", ssh.CONSOLE_POLL_SECONDS),
     )
     step_log(f"SSH up, host key {guest.session.host_key_fingerprint} pinned from the console; cloud-init done")
 
