@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from clouds.ssh import GuestSession
+from clouds.ssh import CommandFailed, GuestSession
 from kiln.recipe import SANITIZE_OPERATIONS
 from tasks.common import BuildPlan, StepLog, stage
 from tasks.launch import Guest
@@ -142,14 +142,92 @@ def operations(selected: list[str]) -> list[Operation]:
     return [by_name[name] for name in selected]
 
 
-def run_operation(session: GuestSession, op: Operation, ssh_user: str, step_log: StepLog) -> int:
-    """Run one operation as root; returns how many things it reported removing."""
-    result = session.run(op.script(ssh_user), timeout=1800)
-    removed = [line for line in result.stdout.splitlines() if line.strip()]
-    for line in removed:
-        step_log(f"{op.name}: {line}")
-    step_log(f"{op.name}: done ({len(removed)} removed)")
-    return len(removed)
+# Markers around each operation's output in the one script that runs them all (one SSH round trip).
+_MARK = "@@kiln-sanitize"
+
+
+def sanitize_script(ops: list[Operation], ssh_user: str) -> str:
+    """One shell script running every operation in order as root, each in its own subshell.
+
+    Each operation's output is framed by marker lines carrying its name and exit code, so the step log
+    still says what each removed; the first failing operation stops the script with its exit code.
+    The machine's identity (for the image audit) is printed first, and the disk is synced last.
+    """
+    lines = [
+        f'echo "{_MARK} fact machine-id $(cat /etc/machine-id 2>/dev/null)"',
+    ]
+    uptime = "$(cut -d' ' -f1 /proc/uptime 2>/dev/null)"  # seconds since boot: how long each operation took
+    for op in ops:
+        lines += [
+            f'echo "{_MARK} begin {op.name} {uptime}"',
+            f"( {op.script(ssh_user).strip()}\n)",
+            f'rc=$?; echo "{_MARK} end {op.name} $rc {uptime}"; [ "$rc" -eq 0 ] || exit "$rc"',
+        ]
+    lines.append("sync")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class SanitizeOutput:
+    """What the script printed, by operation: the lines each reported removing and its exit code."""
+
+    facts: dict[str, str]
+    removed: dict[str, list[str]]
+    exit_codes: dict[str, int]
+    seconds: dict[str, float]
+
+
+def _uptime(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_output(stdout: str) -> SanitizeOutput:
+    out = SanitizeOutput(facts={}, removed={}, exit_codes={}, seconds={})
+    current: str | None = None
+    began: float | None = None
+    for line in stdout.splitlines():
+        if line.startswith(_MARK + " "):
+            kind, _, rest = line[len(_MARK) + 1 :].partition(" ")
+            if kind == "fact":
+                name, _, value = rest.partition(" ")
+                out.facts[name] = value.strip()
+            elif kind == "begin":
+                current, _, at = rest.partition(" ")
+                out.removed[current], began = [], _uptime(at)
+            elif kind == "end":
+                name, code, *at = rest.split(" ")
+                out.exit_codes[name] = int(code)
+                ended = _uptime(at[0]) if at else None
+                if began is not None and ended is not None:
+                    out.seconds[name] = ended - began
+                current = None
+        elif current is not None and line.strip():
+            out.removed[current].append(line)
+    return out
+
+
+def run_operations(session: GuestSession, ops: list[Operation], ssh_user: str, step_log: StepLog) -> SanitizeOutput:
+    """Run every operation as root in one SSH command; logs per operation what it reported removing."""
+    result = session.run(sanitize_script(ops, ssh_user), timeout=1800, check=False, label="sanitize")
+    out = parse_output(result.stdout)
+    for op in ops:
+        if op.name not in out.removed:
+            break
+        for line in out.removed[op.name]:
+            step_log(f"{op.name}: {line}")
+        code = out.exit_codes.get(op.name)
+        took = f", {out.seconds[op.name]:.1f}s" if op.name in out.seconds else ""
+        if code == 0:
+            step_log(f"{op.name}: done ({len(out.removed[op.name])} removed{took})")
+    if result.exit_code != 0:
+        failed = next((name for name, code in out.exit_codes.items() if code != 0), None)
+        failed = failed or next((name for name in out.removed if name not in out.exit_codes), "sanitize script")
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
+        raise CommandFailed(f"sanitize operation {failed}", result.exit_code, tail)
+    return out
 
 
 @stage("sanitize")
@@ -160,8 +238,6 @@ def sanitize(plan: BuildPlan, guest: Guest, *, step_log: StepLog) -> list[str]:
         step_log(f"disabled by the recipe: {', '.join(skipped)}")
     # The image audit in verify proves a fresh instance is not this machine: remember what this machine was.
     guest.facts["host-key"] = guest.session.host_key_fingerprint
-    guest.facts["machine-id"] = guest.session.run("cat /etc/machine-id 2>/dev/null; true", timeout=60).stdout.strip()
-    for op in operations(selected):
-        run_operation(guest.session, op, guest.instance.ssh_user, step_log)
-    guest.session.run("sync", timeout=300)
+    out = run_operations(guest.session, operations(selected), guest.instance.ssh_user, step_log)
+    guest.facts["machine-id"] = out.facts.get("machine-id", "")
     return selected

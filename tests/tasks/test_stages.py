@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,13 +12,14 @@ import yaml
 from prefect.logging import disable_run_logger
 
 from clouds.base import KeyPair, Resource
+from clouds.ssh import CommandFailed, RunResult
 from flows.nightly import decide
 from kiln.recipe import SANITIZE_OPERATIONS, load_recipe
 from kiln.settings import KILN_VERSION
 from provenance import gitinfo, lineage, store
 from tasks.common import BuildPlan, ledgered, release_open, stage
 from tasks.launch import user_data
-from tasks.sanitize import REGISTRY, operations
+from tasks.sanitize import REGISTRY, Operation, operations, run_operations, sanitize_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,6 +116,58 @@ def test_sanitize_registry_is_the_recipe_vocabulary_each_documented():
     assert all(op.heading and op.description for op in REGISTRY)
     assert [op.name for op in operations(["machine-id", "ssh-hostkeys"])] == ["machine-id", "ssh-hostkeys"]
     assert "debian" in next(op for op in REGISTRY if op.name == "ssh-userdir").script("debian")
+
+
+class LocalShellSession:
+    """A GuestSession stand-in running each command with sh on this machine; counts the round trips."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def run(self, command: str, *, check: bool = True, **_: object) -> RunResult:
+        import subprocess
+
+        self.commands.append(command)
+        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=False)
+        return RunResult(done.returncode, done.stdout, done.stderr, 0.0)
+
+
+def _op(name: str, script: str) -> Operation:
+    return Operation(name, name, name, lambda user: script)
+
+
+def test_sanitize_runs_every_operation_in_one_command_and_logs_what_each_removed(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_text("x")
+    ops = [
+        _op("first", f"for f in {tmp_path}/a {tmp_path}/b; do echo $f; rm $f; done"),
+        _op("quiet", "true  # nothing to remove, and a comment at the end"),
+        _op("last", f"echo {tmp_path}/c; rm {tmp_path}/c"),
+    ]
+    session, lines = LocalShellSession(), []
+    out = run_operations(session, ops, "debian", lines.append)
+    assert len(session.commands) == 1
+    took = [re.sub(r", \d+\.\ds\)$", ")", line) for line in lines]  # each operation's time on the guest
+    assert took == [
+        f"first: {tmp_path}/a", f"first: {tmp_path}/b", "first: done (2 removed)",
+        "quiet: done (0 removed)",
+        f"last: {tmp_path}/c", "last: done (1 removed)",
+    ]
+    assert all(re.search(r"\d\.\ds\)$", line) for line in lines if "done" in line)
+    assert list(tmp_path.iterdir()) == [] and "machine-id" in out.facts
+    assert sanitize_script(ops, "debian").rstrip().endswith("sync")
+
+
+def test_a_failing_sanitize_operation_stops_the_rest_and_is_named(tmp_path):
+    ops = [_op("ok", "echo removed-one"), _op("broken", "echo half; exit 3"), _op("never", f"touch {tmp_path}/ran")]
+    lines: list[str] = []
+    with pytest.raises(CommandFailed) as failed:
+        run_operations(LocalShellSession(), ops, "debian", lines.append)
+    assert failed.value.exit_code == 3 and "broken" in str(failed.value)
+    assert [re.sub(r", \d+\.\ds\)$", ")", line) for line in lines] == [
+        "ok: removed-one", "ok: done (1 removed)", "broken: half"
+    ]
+    assert not (tmp_path / "ran").exists()
 
 
 def test_user_data_creates_the_ssh_user_with_only_the_public_key():
