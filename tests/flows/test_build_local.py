@@ -47,6 +47,12 @@ def test_hello_recipe_builds_verifies_and_records_everything(hello_build: HelloB
     assert [(s["stage"], s["status"]) for s in detail["steps"]] == [(s, "succeeded") for s in STAGES]
     probes = {p["name"]: p["passed"] for p in detail["probes"]}
     assert probes == {"command cat /etc/kiln-hello": True, "port :22": True, "build key rejected": True}
+    logs = {s["stage"]: s["log"] for s in detail["steps"]}
+    # One SSH command ran every operation, and the log still says what each removed (or that the recipe disabled it).
+    assert "ssh-hostkeys: /etc/ssh/ssh_host_ed25519_key\n" in logs["sanitize"]
+    assert "machine-id: done (" in logs["sanitize"] and "dhcp-client-state: done (" in logs["sanitize"]
+    assert "disabled by the recipe: zero-free-space" in logs["sanitize"]
+    assert "guest powering off" in logs["snapshot"]
     assert detail["recipe"]["commit"] == commit and detail["recipe"]["dirty"] is False
     from kiln.recipe import load_recipe
 
