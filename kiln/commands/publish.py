@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import botocore.exceptions
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from clouds.base import CloudError
-from clouds.ec2 import EC2Cloud
-from clouds.openstack import OpenStackCloud
 from kiln.recipe import EC2Target, OpenStackTarget, RecipeError, load_recipe
-from tasks.publish import Publication, PublishRefused, publish_image, publish_image_to_ec2
+
+if TYPE_CHECKING:  # boto3 and openstacksdk take seconds to import: only `kiln publish` pays for them
+    from clouds.ec2 import EC2Cloud
+    from clouds.openstack import OpenStackCloud
+    from tasks.publish import Publication
 
 errors = Console(stderr=True)
 
@@ -38,6 +38,13 @@ def publish(
     as_json: bool = typer.Option(False, "--json", help="Print the publication as JSON."),
 ) -> None:
     """Publish a local image to Glance or EC2: same bits, kiln tags, shared with the target's projects/accounts."""
+    import botocore.exceptions
+
+    from clouds.base import CloudError
+    from clouds.ec2 import EC2Cloud
+    from clouds.openstack import OpenStackCloud
+    from tasks.publish import PublishRefused
+
     cloud = _cloud(to, recipe, share, region=region, endpoint_url=endpoint_url, profile=profile)
     if isinstance(cloud, EC2Cloud) and not bucket:
         _fail("--bucket is required to publish to ec2 (VM Import reads the disk from S3)", 2)
@@ -61,6 +68,9 @@ def publish(
 def _publish(
     image_id: str, cloud: OpenStackCloud | EC2Cloud, name: str | None, bucket: str | None, say: Callable[[str], None]
 ) -> Publication:
+    from clouds.ec2 import EC2Cloud
+    from tasks.publish import publish_image, publish_image_to_ec2
+
     if isinstance(cloud, EC2Cloud):
         return publish_image_to_ec2(image_id, cloud, bucket=str(bucket), name=name, progress=say)
     return publish_image(image_id, cloud, name=name, progress=say)
@@ -70,6 +80,9 @@ def _cloud(
     to: str, recipe_path: str | None, share: list[str], *, region: str | None, endpoint_url: str | None,
     profile: str | None,
 ) -> OpenStackCloud | EC2Cloud:  # fmt: skip
+    from clouds.ec2 import EC2Cloud
+    from clouds.openstack import OpenStackCloud
+
     if recipe_path is None:
         if to == "ec2":
             return EC2Cloud(_region(region, profile), profile=profile, endpoint_url=endpoint_url, share_with=share)
