@@ -132,13 +132,15 @@ def build_image(
     _ACTIVE[str(flow_run.id)] = plan
     try:
         base = fetch_base(plan)
+        # One slot from launch to verify's end: the build guest is released in snapshot before verify boots the
+        # image, so the build never runs two VMs, and it neither pays a slot's release and re-acquisition (two
+        # Prefect requests) nor waits for a slot again half-way.
         with holding_vm(plan):
             guest = launch(plan, base.image)
             wait_boot(plan, guest)
             customize(plan, guest)
             sanitize(plan, guest)
             image = snapshot(plan, guest)
-        with holding_vm(plan):
             verification = verify(plan, image)
         registered = register(plan, base, image, verification)
     except BaseException as exc:

@@ -1,6 +1,6 @@
 """Per-cloud caps on running VMs, as Prefect global concurrency limits named kiln-vms-<cloud>[-<region>].
 
-Every build holds one slot of its cloud's limit while it has a VM (launch → snapshot, and verify's boot), so
+Every build holds one slot of its cloud's limit while it has a VM (launch → snapshot → verify's boot), so
 however many workers run builds, a cloud never runs more kiln VMs than its limit. The limit must exist: on a
 Prefect server a missing one is an error telling the user to run `kiln limits set`; only on the ephemeral
 server that a lone `kiln build` starts does kiln create a missing limit with its documented default.
