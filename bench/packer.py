@@ -176,7 +176,9 @@ def run_kiln(tmp: Path) -> Figures:
     shown = subprocess.run(
         [str(KILN), "show", result["build_id"], "--json"], env=env, capture_output=True, text=True, check=True
     )
-    steps = step_seconds(json.loads(shown.stdout)["steps"])
+    detail = json.loads(shown.stdout)
+    steps = step_seconds(detail["steps"])
+    logs = {step["stage"]: step.get("log") or "" for step in detail["steps"]}
     outputs = sorted((home / "images").rglob("*.qcow2"))
     if len(outputs) != 1:
         raise RuntimeError(f"expected one registered qcow2 under {home / 'images'}, found {outputs}")
@@ -185,8 +187,20 @@ def run_kiln(tmp: Path) -> Figures:
         boot_to_ssh_seconds=steps["launch"] + steps["wait_boot"],
         output_bytes=outputs[0].stat().st_size,
         load=load.summary(),
-        notes={"verify_seconds": steps["verify"], "stages": json.dumps({k: round(v, 1) for k, v in steps.items()})},
+        notes={
+            "verify_seconds": steps["verify"],
+            "stages": json.dumps({k: round(v, 1) for k, v in steps.items()}),
+            "zero_free_space": zero_free_space_lines(logs.get("sanitize", "")),
+        },
     )
+
+
+def zero_free_space_lines(sanitize_log: str) -> str:
+    """What kiln's zero-free-space operation did, from the sanitize step log: fstrim's report (the discard path)
+    or 'zeroed free space' (the dd fallback)."""
+    lines = [line.removeprefix("zero-free-space: ") for line in sanitize_log.splitlines()
+             if line.startswith("zero-free-space: ")]  # fmt: skip
+    return "; ".join(lines) or "not run"
 
 
 def step_seconds(steps: list[dict]) -> dict[str, float]:
@@ -223,6 +237,7 @@ def print_table(packer: Figures, kiln: Figures, accel: str, zero: bool) -> None:
           f"Connected {packer.notes['waiting_for_ssh_to_connected']:.0f} s); kiln launch + wait_boot StepRuns "
           "(includes overlay, seed, host key pinned from the console and cloud-init done)")  # fmt: skip
     print(f"kiln stages (s): {kiln.notes['stages']}")
+    print(f"kiln zero-free-space: {kiln.notes['zero_free_space']}")
     print(f"summary: wall {wall_ratio:.2f} (without verify {no_verify_ratio:.2f}), size {size_ratio:.2f}")
 
 
