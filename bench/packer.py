@@ -191,6 +191,10 @@ def run_kiln(tmp: Path) -> Figures:
             "verify_seconds": steps["verify"],
             "stages": json.dumps({k: round(v, 1) for k, v in steps.items()}),
             "zero_free_space": zero_free_space_lines(logs.get("sanitize", "")),
+            "snapshot": "; ".join(line for line in logs.get("snapshot", "").splitlines()
+                                  if line.startswith(("stopped in", "image written in"))),  # fmt: skip
+            "sanitize": ", ".join(re.sub(r": done \((\d+) removed, ", r" \1 in ", line).rstrip(")")
+                                  for line in logs.get("sanitize", "").splitlines() if ": done (" in line),  # fmt: skip
         },
     )
 
@@ -238,6 +242,8 @@ def print_table(packer: Figures, kiln: Figures, accel: str, zero: bool) -> None:
           "(includes overlay, seed, host key pinned from the console and cloud-init done)")  # fmt: skip
     print(f"kiln stages (s): {kiln.notes['stages']}")
     print(f"kiln zero-free-space: {kiln.notes['zero_free_space']}")
+    print(f"kiln sanitize operations (removed, guest time): {kiln.notes['sanitize']}")
+    print(f"kiln snapshot: {kiln.notes['snapshot']}")
     print(f"summary: wall {wall_ratio:.2f} (without verify {no_verify_ratio:.2f}), size {size_ratio:.2f}")
 
 
