@@ -175,9 +175,11 @@ def _ledger_leftovers(
         if backend is None:
             backend = _backend_for_build(summary, clouds)
             backends[row.build_id] = backend
+        # A row without a region is in the backend's own: keyed so, it meets the same resource found by its tags
+        region = row.region or getattr(backend, "region", "") or ""
         item = items.setdefault(
-            (row.cloud, row.region or "", row.kind, row.cloud_id),
-            Leftover(row.cloud, row.kind, row.cloud_id, row.region or "", row.build_id, created=row.created),
+            (row.cloud, region, row.kind, row.cloud_id),
+            Leftover(row.cloud, row.kind, row.cloud_id, region, row.build_id, created=row.created),
         )
         item.ledger_rows.append(row.id)
         item.backend = item.backend or backend

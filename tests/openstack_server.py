@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 REQUIREMENTS = Path(__file__).resolve().parent / "openstack" / "requirements.txt"
 ADMIN_PASSWORD = "kiln-test-admin"  # a throwaway server's bootstrap password, never a real credential
@@ -286,6 +287,35 @@ def _register_catalog(clouds_yaml: Path, glance: str, partner_password: str) -> 
         conn.identity.assign_project_role_to_user(project, partner, member)
         return project.id
     finally:
+        conn.close()
+
+
+def admin_connection(servers: OpenStackServers) -> Any:
+    """An openstacksdk Connection as the test cloud's admin."""
+    import openstack.config
+    import openstack.connection
+
+    config = openstack.config.OpenStackConfig(config_files=[str(servers.clouds_yaml)], load_envvars=False)
+    return openstack.connection.Connection(config=config.get_one(servers.admin_cloud))
+
+
+@contextlib.contextmanager
+def in_catalog(servers: OpenStackServers, endpoints: dict[str, str]) -> Iterator[OpenStackServers]:
+    """Services (type -> public URL, e.g. the fake Nova and Neutron) in the real Keystone's catalog for the body;
+    removed afterwards, so later tests see a Glance-only cloud again."""
+    conn = admin_connection(servers)
+    services = []
+    try:
+        for kind, url in endpoints.items():
+            service = conn.identity.create_service(name=f"fake-{kind}", type=kind)
+            services.append(service)
+            conn.identity.create_endpoint(service_id=service.id, interface="public", url=url, region_id=REGION)
+        yield servers
+    finally:
+        for service in services:
+            for endpoint in conn.identity.endpoints(service_id=service.id):
+                conn.identity.delete_endpoint(endpoint)
+            conn.identity.delete_service(service)
         conn.close()
 
 

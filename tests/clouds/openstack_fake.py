@@ -1,6 +1,8 @@
 """A small in-memory Nova + Neutron (+ the few Glance calls a server image needs) behind requests-mock, for the
-compute tests and the build flow test. It keeps what it was asked to create, so a test can assert the exact
-calls made and that nothing is left afterwards. Hooks let the flow test back servers with local QEMU guests."""
+compute tests and the build flow test, or over real HTTP on 127.0.0.1 (`served`) when another process (a killed
+`kiln build`, then `kiln gc`) must reach the same state. It keeps what it was asked to create, so a test can
+assert the exact calls made and that nothing is left afterwards. Hooks let the flow test back servers with local
+QEMU guests."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ import json
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import requests_mock
 
@@ -360,3 +365,70 @@ class FakeOpenStack:
 
 def user_data_of(server: FakeServer) -> str:
     return base64.b64decode(server.body.get("user_data", "")).decode()
+
+
+# -- over real HTTP ------------------------------------------------------------------------------------------
+
+
+class _HttpRequest:
+    """What FakeOpenStack reads of a request (requests-mock's request object), from an HTTP handler."""
+
+    def __init__(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        url = urlsplit(handler.path)
+        self.method = handler.command
+        self.path_url = handler.path
+        self.netloc = handler.headers.get("Host", "")
+        self.headers = handler.headers
+        self.body = body
+        self.qs = parse_qs(url.query)
+        self.url = f"http://{self.netloc}{handler.path}"
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.status_code = 200
+
+
+def _handler(fake: FakeOpenStack) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            context = _Context()
+            result = fake._dispatch(_HttpRequest(self, body), context)
+            payload = b"" if context.status_code == 204 else json.dumps(result).encode()
+            self.send_response(context.status_code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _answer
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            pass  # `calls` records every request
+
+    return Handler
+
+
+@contextmanager
+def served(fake: FakeOpenStack) -> Iterator[FakeOpenStack]:
+    """Serve the fake's Nova and Neutron on 127.0.0.1 (one port each: the fake tells them apart by host:port);
+    sets fake.compute_url and fake.network_url to where they answer, and stops both servers afterwards."""
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake)) for _ in range(2)]
+    compute, network = (f"http://127.0.0.1:{server.server_address[1]}" for server in servers)
+    fake.compute_url, fake.network_url = f"{compute}/v2.1", network
+    threads = [threading.Thread(target=server.serve_forever, name="fake-openstack", daemon=True) for server in servers]
+    for thread in threads:
+        thread.start()
+    try:
+        yield fake
+    finally:
+        for server, thread in zip(servers, threads, strict=True):
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=10)

@@ -16,8 +16,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import openstack.config
-import openstack.connection
 import pytest
 import requests_mock
 
@@ -29,7 +27,7 @@ from provenance import lineage, store
 from tests.clouds.openstack_fake import FakeOpenStack, FakeServer, user_data_of
 from tests.conftest import REPO
 from tests.flows.conftest import committed_recipe, prefect_api  # noqa: F401 - the session Prefect server
-from tests.openstack_server import REGION, OpenStackServers
+from tests.openstack_server import OpenStackServers, admin_connection, in_catalog
 
 pytest_plugins = ["tests.clouds.openstack_fixtures"]
 pytestmark = pytest.mark.vm
@@ -39,29 +37,12 @@ NEUTRON = "http://neutron.kiln.test"
 KILN = Path(sys.executable).with_name("kiln")
 
 
-def admin_connection(servers: OpenStackServers) -> openstack.connection.Connection:
-    config = openstack.config.OpenStackConfig(config_files=[str(servers.clouds_yaml)], load_envvars=False)
-    return openstack.connection.Connection(config=config.get_one(servers.admin_cloud))
-
-
 @pytest.fixture(scope="module")
 def catalog_with_fake_compute(openstack_test_servers: OpenStackServers) -> Iterator[OpenStackServers]:
     """Nova and Neutron in the real Keystone's catalog, at addresses only requests-mock answers; removed after
     this module, so the other modules see a Glance-only cloud."""
-    conn = admin_connection(openstack_test_servers)
-    services = []
-    try:
-        for kind, name, url in (("compute", "nova", NOVA), ("network", "neutron", NEUTRON)):
-            service = conn.identity.create_service(name=name, type=kind)
-            services.append(service)
-            conn.identity.create_endpoint(service_id=service.id, interface="public", url=url, region_id=REGION)
-        yield openstack_test_servers
-    finally:
-        for service in services:
-            for endpoint in conn.identity.endpoints(service_id=service.id):
-                conn.identity.delete_endpoint(endpoint)
-            conn.identity.delete_service(service)
-        conn.close()
+    with in_catalog(openstack_test_servers, {"compute": NOVA, "network": NEUTRON}) as servers:
+        yield servers
 
 
 class QemuBackedNova:

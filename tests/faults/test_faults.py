@@ -2,8 +2,8 @@
 is left and the build shows interrupted at that stage. SIGINT: the build cleans up in-process, gc finds nothing.
 
 The kill is a test plugin on the subprocess's PYTHONPATH (tests/faults/plugin/sitecustomize.py), not a branch in
-kiln. Local runs boot real QEMU guests (marked vm); moto runs need none, their instances never boot, so they
-stop at the stages before SSH. conftest.py prints the table stage × backend → resources left after gc.
+kiln. Local runs boot real QEMU guests (marked vm); moto and OpenStack runs are in test_cloud_faults.py.
+conftest.py prints the table stage × backend → resources left after gc.
 """
 
 from __future__ import annotations
@@ -16,17 +16,14 @@ from pathlib import Path
 import pytest
 
 from clouds.base import TAG_BUILD, KeyPair
-from clouds.ec2 import EC2Cloud
 from clouds.local import LocalCloud
 from kiln import settings
 from provenance import lineage, store
-from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
 from tests.conftest import REPO
-from tests.flows.conftest import KILN, committed_recipe, hello_recipe, prefect_api  # noqa: F401 - fixture
+from tests.flows.conftest import KILN, hello_recipe, prefect_api  # noqa: F401 - fixture
 from tests.secret_scan import key_needles, scan_database, scan_files, scan_image
 
 PLUGIN = Path(__file__).resolve().parent / "plugin"
-REGION = "us-east-1"
 RESULTS: dict[tuple[str, str], str] = {}  # (stage, backend) -> resources left after gc, for the table
 KILLED: dict[str, list[str]] = {}  # build id -> its kiln resources just after the kill
 SCANNED: list[str] = []  # what the secret scan covered
@@ -34,8 +31,10 @@ KILL_POINT = {"launch": "after-launch", "snapshot": "after-snapshot"}  # else: a
 
 
 def kiln_build_with_fault(recipe: Path, target: str, fault: str, timeout: float = 900,
-                          key_dump: Path | None = None) -> subprocess.CompletedProcess:  # fmt: skip
-    env = {**os.environ, "KILN_FAULT": fault, "PYTHONPATH": os.pathsep.join([str(PLUGIN), str(REPO)])}
+                          key_dump: Path | None = None, env: dict[str, str] | None = None,
+                          ) -> subprocess.CompletedProcess:  # fmt: skip
+    env = {**os.environ, **(env or {}), "KILN_FAULT": fault,
+           "PYTHONPATH": os.pathsep.join([str(PLUGIN), str(REPO)])}  # fmt: skip
     if key_dump is not None:
         env["KILN_KEY_DUMP"] = str(key_dump)
     return subprocess.run([str(KILN), "build", str(recipe), "--target", target, "--json"], env=env,
@@ -55,11 +54,6 @@ def newest_build(recipe_name: str) -> str:
 
 def local_left(build_id: str) -> list[str]:
     cloud = LocalCloud()
-    return [f"{r.kind} {r.resource_id}" for r in cloud.owned({TAG_BUILD: build_id})]
-
-
-def ec2_left(build_id: str, endpoint: str) -> list[str]:
-    cloud = EC2Cloud(REGION, endpoint_url=endpoint)
     return [f"{r.kind} {r.resource_id}" for r in cloud.owned({TAG_BUILD: build_id})]
 
 
@@ -89,58 +83,6 @@ def assert_reaped(build_id: str, stage: str, left: list[str]) -> None:
     assert (build.status, build.stage) == ("interrupted", stage)
     assert store.open_resources(build_id) == [], "every ledger row is closed"
     assert left == [], f"kiln resources left after gc: {left}"
-
-
-# ---------------------------------------------------------------------------------------------------- moto
-
-
-def moto_recipe(tmp_path: Path, endpoint: str) -> Path:
-    return committed_recipe(
-        tmp_path,
-        f"""name: faults-ec2
-version: 1.0.0
-targets:
-  ec2:
-    region: {REGION}
-    endpoint_url: {endpoint}
-    base: {{ssm_parameter: {SSM_AL2023}}}
-    ssh_user: debian
-    ssh_cidr: 127.0.0.0/8
-scripts: [{{inline: 'true', name: nothing}}]
-verify: [{{port: {{port: 22}}}}]
-""",
-    )
-
-
-@pytest.mark.parametrize("stage", ["fetch_base", "launch", "wait_boot"])
-def test_sigkill_on_moto_then_gc_leaves_nothing_and_the_build_interrupted(stage, tmp_path, moto, prefect_api):  # noqa: F811
-    recipe = moto_recipe(tmp_path, moto)
-
-    build_id, left, gc_output = kill_and_collect(recipe, "ec2", stage, lambda b: ec2_left(b, moto))
-
-    RESULTS[(stage, "moto")] = str(len(left))
-    assert_reaped(build_id, stage, left)
-    if stage != "fetch_base":
-        assert any(r.startswith("instance ") for r in KILLED[build_id]), "the kill left an instance to reap"
-    assert "marked interrupted" in gc_output
-    if stage != "fetch_base":
-        assert "instance" in gc_output and "released" in gc_output
-
-
-def test_sigint_on_moto_cleans_up_in_process_and_gc_finds_nothing(tmp_path, moto, prefect_api):  # noqa: F811
-    recipe = moto_recipe(tmp_path, moto)
-
-    result = kiln_build_with_fault(recipe, "ec2", "SIGINT:launch:after-launch")
-
-    assert result.returncode == 130, result.stdout + result.stderr
-    build_id = newest_build("faults-ec2")
-    build = lineage.get_build(build_id).build
-    assert build.status == "cancelled" and build.stage in ("launch", "wait_boot")
-    assert store.open_resources(build_id) == []
-    assert ec2_left(build_id, moto) == []
-    gc = kiln_gc()
-    assert build_id[:8] not in gc.stdout, gc.stdout
-    RESULTS[("SIGINT at launch", "moto")] = "0"
 
 
 # --------------------------------------------------------------------------------------------- local (VMs)

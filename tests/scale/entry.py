@@ -1,7 +1,7 @@
 """The scale-out test's deployment entrypoint (tests.scale.entry:build_recipe): kiln's build_recipe flow, in a
-worker process that first routes EC2 instances to the shared test guest (tests/scale/shared_guest.py)."""
+worker process that first routes EC2 instances to the shared test guest (tests/shared_guest.py)."""
 
-from tests.scale.shared_guest import install
+from tests.shared_guest import install
 
 install()
 

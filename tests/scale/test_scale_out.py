@@ -4,7 +4,7 @@ ever runs more kiln VMs than its limit (from the recorded step times), every pro
 `kiln status` shows a running build's worker, host and stage.
 
 VM budget: the local build boots two guests (build, verify); the five EC2 builds run on one pre-booted guest
-(tests/scale/shared_guest.py), taking turns under kiln-vms-ec2-us-east-1=1, in parallel with the local one.
+(tests/shared_guest.py), taking turns under kiln-vms-ec2-us-east-1=1, in parallel with the local one.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-import yaml
 
-from clouds import ssh
-from clouds.base import BaseImage, KeyPair
+from clouds.base import BaseImage
 from clouds.local import LocalCloud
 from flows.status import builds_of_run
 from provenance import lineage, store
@@ -32,7 +30,7 @@ from tests.conftest import REPO
 from tests.flows.conftest import KILN, committed_recipe
 from tests.prefect_server import PREFECT, prefect_server, server_env, stop_group
 from tests.provenance.conftest import _create_database, postgres_server  # noqa: F401 - fixture
-from tests.scale.shared_guest import ADMIN, ENV, SharedGuest
+from tests.shared_guest import ENV, booted
 
 pytestmark = [pytest.mark.vm, pytest.mark.postgres]
 
@@ -90,29 +88,9 @@ def recipes(tmp_path: Path, endpoint: str) -> list[tuple[Path, str]]:
 
 @pytest.fixture
 def shared_guest(cloud: LocalCloud, bootstrap_base: BaseImage, tmp_path: Path) -> Iterator[Path]:  # noqa: F811
-    """One booted guest with an admin user that sanitize leaves alone, described in a JSON file for the workers."""
-    admin = KeyPair.generate("kiln-test-admin")
-    users = [
-        {"name": "debian", "shell": "/bin/bash", "lock_passwd": True, "sudo": "ALL=(ALL) NOPASSWD:ALL"},
-        {"name": ADMIN, "shell": "/bin/bash", "lock_passwd": True, "sudo": "ALL=(ALL) NOPASSWD:ALL",
-         "ssh_authorized_keys": [admin.public_key]},
-    ]  # fmt: skip
-    user_data = "#cloud-config\n" + yaml.safe_dump({"users": users, "ssh_pwauth": False}, sort_keys=False)
-    instance = cloud.launch(bootstrap_base, admin, user_data, {"kiln:role": "shared-test-guest"}, [22])
-    try:
-        host, port = cloud.endpoint(instance, 22)
-        session = ssh.wait_for_ssh(
-            host, port, ADMIN, admin,
-            expected_host_keys_from=lambda: ssh.host_key_fingerprints_from_console(cloud.console(instance)),
-            console=lambda: cloud.console(instance), timeout=600,
-        )  # fmt: skip
-        session.close()
-        description = tmp_path / "shared-guest.json"
-        console = instance.details.get("console") or str(cloud.state_dir / instance.instance_id / "console.log")
-        SharedGuest(host, {"22": port}, console, admin.public_key, admin.private_key).save(description)
+    """One booted guest playing every EC2 instance, described in a JSON file for the workers."""
+    with booted(cloud, bootstrap_base, tmp_path) as description:
         yield description
-    finally:
-        cloud.terminate(instance)
 
 
 @contextmanager

@@ -7,6 +7,9 @@ KILN_FAULT="SIGNAL:STAGE:POINT" makes the process signal itself (SIGKILL or SIGI
 STAGE, at POINT: `start` (the stage has begun, nothing of it done yet), or `after-launch` / `after-snapshot`
 (the cloud call has just returned the new instance or image, before the ledger hears of it). Nothing of this
 is in kiln's code paths: it wraps them from outside, in this process only.
+
+KILN_TEST_SHARED_GUEST=FILE makes the pre-booted guest FILE describes play every EC2 and OpenStack instance
+(tests/shared_guest.py), so the stages after launch run over SSH without a boot per build.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import signal
 
 _SPEC = os.environ.get("KILN_FAULT", "")
 _KEY_DUMP = os.environ.get("KILN_KEY_DUMP", "")
+_SHARED_GUEST = os.environ.get("KILN_TEST_SHARED_GUEST", "")
 
 
 def _fire(signame: str) -> None:
@@ -64,6 +68,12 @@ def _install(signame: str, stage: str, point: str) -> None:
 
     clouds.open_cloud = open_cloud  # flows.build binds it by name when it is first imported, after this
 
+
+if _SHARED_GUEST:  # first, so the fault's wrapper below wraps the guest's clouds
+    import clouds
+    from tests.shared_guest import route
+
+    clouds.open_cloud = route(clouds.open_cloud)
 
 if _SPEC or _KEY_DUMP:
     _install(*(_SPEC or "SIGKILL:none:never").split(":"))
