@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from clouds.base import CloudError, ImageRef
 from tasks.common import BuildPlan, StepLog, ledgered, stage
 from tasks.launch import Guest, release_guest
@@ -40,12 +42,16 @@ def snapshot(plan: BuildPlan, guest: Guest, *, step_log: StepLog) -> ImageRef:
         guest.session.close()
         guest.session = None
     step_log(f"stopping {guest.instance.instance_id}")
-    plan.cloud.stop(guest.instance, timeout=plan.recipe.timeouts.boot)
+    stopped = plan.cloud.stop(guest.instance, timeout=plan.recipe.timeouts.boot)
+    if stopped is not None:
+        step_log(f"stopped in {stopped.seconds:.1f}s ({stopped.detail})")
     formats = list(plan.recipe.outputs.formats)
     name = image_name(plan)
+    started = time.monotonic()
     with ledgered(plan, kind="image", name=name, role="image") as created:
         image = plan.cloud.snapshot(guest.instance, name, plan.tags, formats)
         created(image.image_id)
+    step_log(f"image written in {time.monotonic() - started:.1f}s")
     for file in image.files:
         step_log(f"{file.format}: {file.path} {file.size} bytes sha256 {file.sha256}")
     step_log(f"image {image.image_id}")
