@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the build below changes in a way the inputs digest cannot see (the texts written into
 # the image are hashed already).
-BOOTSTRAP_VERSION = "1"
+BOOTSTRAP_VERSION = "2"
 DEFAULT_MIRROR = os.environ.get("KILN_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SUITES = {"debian-bookworm": "bookworm"}
 BASE_PACKAGES = (
@@ -42,6 +43,7 @@ BASE_PACKAGES = (
     "cloud-guest-utils",  # growpart: the root partition grows to a larger disk at first boot
     "e2fsprogs",
     "sudo",
+    "lz4",  # the initramfs compressor (see INITRAMFS_CONF); without it mkinitramfs falls back to gzip
 )
 DISK_SIZE = 2 * 1024**3  # virtual size; the qcow2 holds only what is written, and launch can grow it
 PARTITION_OFFSET = 1024**2
@@ -57,9 +59,44 @@ MASKED_UNITS = (
     "fstrim.timer",
 )
 
+# The initramfs holds only the drivers a cloud's root disk needs instead of most of the kernel's (Debian's
+# MODULES=most: 52 MiB unpacked, 15 MiB gzip), and lz4 unpacks several times faster than gzip: the firmware
+# reads a third of the bytes and the kernel unpacks them in a fraction of the time (seconds under TCG).
+# FSTYPE: the image is made before its /etc/fstab, from which mkinitramfs would otherwise learn that the root
+# is ext4; without it the initramfs carries no e2fsck and the root is checked by a systemd service instead.
+# The drivers: virtio (QEMU/KVM, OpenStack), Xen (older EC2), Hyper-V, IDE/SCSI/CD; NVMe (EC2 Nitro) and
+# ext4 are built into the cloud kernel (which has no AHCI driver at all).
+INITRAMFS_CONF = """\
+# kiln: a small initramfs (the root disk drivers of hooks/kiln-root-disks), quick to unpack, that checks the
+# ext4 root itself (so systemd-fsck-root does not, later, on the boot's critical path)
+MODULES=list
+COMPRESS=lz4
+FSTYPE=ext4
+"""
+INITRAMFS_MODULES = (
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "sr_mod",
+    "ata_piix",
+    "ata_generic",
+    "xen_blkfront",
+    "hv_storvsc",
+)
+INITRAMFS_HOOK = f"""\
+#!/bin/sh
+# kiln: the drivers of a cloud's root disk (udev loads the one the machine has)
+[ "$1" = prereqs ] && exit 0
+. /usr/share/initramfs-tools/hook-functions
+manual_add_modules {" ".join(INITRAMFS_MODULES)}
+"""
+
 CLOUD_CFG = """\
 # kiln: boot fast and predictably on any cloud (written by kiln's bootstrap)
-datasource_list: [NoCloud, None]
+# NoCloud first (the local cloud's seed), then what OpenStack and EC2 serve: ds-identify enables only the ones
+# the machine shows, so a local boot probes nothing more and a published image still finds its metadata.
+datasource_list: [NoCloud, ConfigDrive, OpenStack, Ec2, None]
 ssh_genkeytypes: [ed25519]
 ssh_deletekeys: true
 manage_etc_hosts: true
@@ -121,7 +158,7 @@ def inputs_for(flavour: str, packages: list[str] | None, mirror: str = DEFAULT_M
         "packages": sorted(set(BASE_PACKAGES) | set(extra)),
         "version": BOOTSTRAP_VERSION,
         "files": hashlib.sha256(
-            "\n".join([CLOUD_CFG, NETWORK, WAIT_ONLINE, HOSTS, *DPKG_EXCLUDES]).encode()
+            "\n".join([CLOUD_CFG, NETWORK, WAIT_ONLINE, HOSTS, INITRAMFS_CONF, INITRAMFS_HOOK, *DPKG_EXCLUDES]).encode()
         ).hexdigest(),
         "masked": list(MASKED_UNITS),
         "disk_size": DISK_SIZE,
@@ -203,9 +240,14 @@ def build_rootfs(rootfs: Path, suite: str, packages: list[str], mirror: str) -> 
         f"deb {mirror} {suite}-updates main",
         f"deb {security} {suite}-security main",
     ]
+    initramfs = "$1/etc/initramfs-tools"
     customize = [
         'chroot "$1" systemctl enable systemd-networkd.service',
         'chroot "$1" systemctl mask ' + " ".join(MASKED_UNITS),
+        f'printf %s {shlex.quote(INITRAMFS_CONF)} > "{initramfs}/conf.d/kiln.conf"',
+        f'printf %s {shlex.quote(INITRAMFS_HOOK)} > "{initramfs}/hooks/kiln-root-disks"',
+        f'chmod 0755 "{initramfs}/hooks/kiln-root-disks"',
+        'chroot "$1" update-initramfs -u -k all',
     ]
     args = [
         "mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
