@@ -14,7 +14,8 @@ def open_cloud(target: Any, timeouts: Any = None, *, target_name: str | None = N
         from clouds.local import LocalCloud
 
         return LocalCloud(
-            accel=target.accel, memory_mb=target.memory_mb, cpus=target.cpus, disk_size_gb=target.disk_size_gb
+            accel=target.accel, memory_mb=target.memory_mb, cpus=target.cpus, disk_size_gb=target.disk_size_gb,
+            qcow2_compression=target.qcow2_compression,
         )
     if kind == "ec2":
         from clouds.ec2 import EC2Cloud

@@ -43,9 +43,16 @@ IMAGE_ID = re.compile(r"^img-[0-9a-f]{12}$")
 INSTANCE_FILE = "instance.json"
 IMAGE_FILE = "meta.json"
 POWERDOWN_REPEAT = 15.0  # seconds: a guest still booting may miss the first ACPI event
-# The snapshot's qcow2: zstd compresses ~6x faster than qcow2's default zlib and smaller (it reads with QEMU >= 5.1);
-# 256 KiB clusters give each compressed unit more context (smaller again) while a read still decompresses little.
-QCOW2_OUTPUT_OPTIONS = ("-c", "-o", "compression_type=zstd,cluster_size=256k", "-W", "-m", "8")
+# The snapshot's qcow2: zstd compresses ~6x faster than qcow2's default zlib and smaller, but only QEMU >= 5.1 reads
+# it, so a target may ask for zlib; 256 KiB clusters give each compressed unit more context (smaller again) while a
+# read still decompresses little.
+QCOW2_COMPRESSIONS = ("zstd", "zlib")
+
+
+def qcow2_output_options(compression: str = "zstd") -> tuple[str, ...]:
+    if compression not in QCOW2_COMPRESSIONS:
+        raise CloudError(f"qcow2_compression: {compression!r} is not one of {', '.join(QCOW2_COMPRESSIONS)}")
+    return ("-c", "-o", f"compression_type={compression},cluster_size=256k", "-W", "-m", "8")
 UNIX_PATH_MAX = 107
 
 
@@ -68,9 +75,11 @@ class LocalCloud:
         memory_mb: int = 2048,
         cpus: int = 2,
         disk_size_gb: int | None = None,
+        qcow2_compression: str = "zstd",
     ) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise CloudError(f"accel: {accel!r} is not one of auto, kvm, tcg")
+        self.qcow2_options = qcow2_output_options(qcow2_compression)
         self.state_dir = Path(state_dir) if state_dir else settings.state_dir()
         self.images_dir = Path(images_dir) if images_dir else settings.images_dir()
         self.cache_dir = Path(cache_dir) if cache_dir else settings.cache_dir()
@@ -445,7 +454,7 @@ class LocalCloud:
     def _write_qcow2(self, overlay: Path, dest: Path) -> ImageFile:
         partial = dest.with_name(dest.name + ".part")
         qemu.run(
-            [qemu.QEMU_IMG, "convert", "-O", "qcow2", *QCOW2_OUTPUT_OPTIONS, str(overlay), str(partial)],
+            [qemu.QEMU_IMG, "convert", "-O", "qcow2", *self.qcow2_options, str(overlay), str(partial)],
             what="qemu-img convert to compressed qcow2",
             timeout=3600,
         )

@@ -526,6 +526,11 @@ class LocalTarget(_TargetBase):
     memory_mb: int = Field(default=2048, ge=256)
     cpus: int = Field(default=2, ge=1, le=64)
     accel: Literal["auto", "kvm", "tcg"] = "auto"
+    qcow2_compression: Literal["zstd", "zlib"] = Field(
+        default="zstd",
+        description="zstd: faster and smaller, read by QEMU 5.1 or newer; zlib: for hypervisors with an older "
+        "QEMU (Ubuntu 20.04 and older compute hosts) that the qcow2 is published to.",
+    )
 
     _allowed_bases = ("image", "name", "file", "url", "bootstrap")
 

@@ -616,3 +616,20 @@ def test_schema_also_rejects_what_needs_no_files_to_judge(stem: str) -> None:
 
     assert not jsonschema.Draft202012Validator(recipe_json_schema()).is_valid(data)
 
+
+
+def test_a_local_target_chooses_the_qcow2_compression_and_refuses_an_unknown_one(tmp_path: Path) -> None:
+    path = write(tmp_path, "demo.yaml", """\
+name: demo
+version: 1.0.0
+targets:
+  local: {base: {bootstrap: debian-bookworm}}
+  old-cloud: {cloud: local, base: {bootstrap: debian-bookworm}, qcow2_compression: zlib}
+""")
+    recipe = load_recipe(path)
+    assert [recipe.target(t).qcow2_compression for t in ("local", "old-cloud")] == ["zstd", "zlib"]
+
+    bad = write(tmp_path, "bad.yaml", MINIMAL.replace("base:", "qcow2_compression: lz4\n    base:", 1))
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(bad)
+    assert [p.field for p in raised.value.problems] == ["targets.local.qcow2_compression"]

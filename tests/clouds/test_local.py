@@ -582,3 +582,20 @@ def test_a_snapshot_boots_from_its_own_disk_and_keeps_the_file(
             dispose(cloud, guest.instance, shared_instances)
     finally:
         cloud.delete_image(ImageRef("local", image.image_id, image.name))
+
+
+@pytest.mark.parametrize("compression", ["zstd", "zlib"])
+def test_the_output_qcow2_uses_the_targets_compression(compression: str, tmp_path: Path) -> None:
+    """zlib is what a QEMU older than 5.1 (an older OpenStack compute host) can read; zstd is the default."""
+    source = tmp_path / "disk.raw"
+    with source.open("wb") as disk:
+        disk.write(b"kiln " * 200_000)
+        disk.truncate(64 * 1024**2)
+    target = LocalTarget(base={"bootstrap": "debian-bookworm"}, accel="tcg", qcow2_compression=compression)
+    local = open_cloud(target)
+
+    written = local._write_qcow2(source, tmp_path / "out.qcow2")
+
+    info = qemu.image_info(written.path)
+    assert info["format-specific"]["data"]["compression-type"] == compression
+    assert info["cluster-size"] == 256 * 1024
