@@ -204,3 +204,37 @@ def test_nightly_rebuilds_when_the_only_build_failed(tmp_path):
     store.finish_build(plan.build_id, "failed", error="boom")
     assert decide(plan.recipe, "local", "sha256:" + "3" * 64).action == "rebuild"
     assert json.loads(json.dumps(decide(plan.recipe, "local", "x").__dict__))["action"] == "rebuild"
+
+
+def test_the_boot_wait_reads_the_console_often_but_the_ledger_at_most_every_few_seconds(monkeypatch) -> None:
+    from clouds.base import CloudError, Instance
+    from tasks import wait_boot
+
+    @dataclass
+    class ConsoleCloud(RecordingCloud):
+        reads: int = 0
+
+        def console(self, instance) -> str:  # noqa: ANN001
+            self.reads += 1
+            return "booting"
+
+    plan = new_plan(ConsoleCloud())
+    row = store.ledger_intent(plan.build_id, cloud="local", kind="instance", name="build")
+    store.ledger_created(row, "i-0123456789ab")
+    instance = Instance(cloud="local", instance_id="i-0123456789ab", name="build", ssh_user="debian")
+    queries = []
+    real_open_resources = store.open_resources
+    monkeypatch.setattr(store, "open_resources", lambda b: queries.append(b) or real_open_resources(b))
+    clock = [1000.0]
+    monkeypatch.setattr(wait_boot.time, "monotonic", lambda: clock[0])
+    console = wait_boot.held_console(plan, instance)
+
+    for _ in range(9):  # 4 s of reads every 0.5 s
+        assert console() == "booting"
+        clock[0] += 0.5
+    assert (plan.cloud.reads, len(queries)) == (9, 1)
+
+    store.ledger_released(row)  # Ctrl-C released it: the next ledger check ends the wait
+    clock[0] += wait_boot.LEDGER_CHECK_SECONDS
+    with pytest.raises(CloudError, match="released while waiting"):
+        console()
