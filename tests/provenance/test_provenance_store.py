@@ -63,6 +63,19 @@ def test_models_and_migrations_are_in_sync(empty_db_url: str) -> None:
         assert compare_metadata(context, SQLModel.metadata) == []
 
 
+def test_the_head_read_without_alembic_is_alembics_head(tmp_path, monkeypatch) -> None:
+    """store skips importing alembic when the database is at the head it reads from the migration files' text."""
+    assert store._plain_head() == store.head_revision()
+
+    branched = tmp_path / "migrations"
+    (branched / "versions").mkdir(parents=True)
+    for path in (store.MIGRATIONS_DIR / "versions").glob("*.py"):
+        (branched / "versions" / path.name).write_text(path.read_text())
+    (branched / "versions" / "9999_branch.py").write_text('revision = "9999"\ndown_revision = "0001"\n')
+    monkeypatch.setattr(store, "MIGRATIONS_DIR", branched)
+    assert store._plain_head() is None, "two heads: alembic must decide"
+
+
 def test_migrations_run_on_first_use(db_url: str) -> None:
     _recipe_version()
     assert store.current_revision() == store.head_revision()
