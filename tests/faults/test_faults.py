@@ -9,6 +9,7 @@ conftest.py prints the table stage × backend → resources left after gc.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -38,7 +39,13 @@ def kiln_build_with_fault(recipe: Path, target: str, fault: str, timeout: float 
     if key_dump is not None:
         env["KILN_KEY_DUMP"] = str(key_dump)
     return subprocess.run([str(KILN), "build", str(recipe), "--target", target, "--json"], env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=_default_sigint)  # fmt: skip
+
+
+def _default_sigint() -> None:
+    # A test run started in the background by a shell without job control inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: the SIGINT fault would do nothing. The build gets the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def kiln_gc() -> subprocess.CompletedProcess:
