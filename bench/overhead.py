@@ -1,8 +1,11 @@
-"""kiln's own overhead per build: the wall time of `kiln build` minus the time spent inside cloud operations
-(every call on the cloud object: launch, stop, snapshot, console, ...) and SSH work (wait_for_ssh, every
-command, upload and probe), measured by timing proxies around both. Once with Prefect's ephemeral server
-(started inside the build, reported apart) and once against a running `prefect server start`.
-Run: python -m bench.overhead [--recipe recipes/hello.yaml] [--mode ephemeral|server|both]."""
+"""kiln's own overhead per build: the wall time of `kiln build` in which neither a guest nor the cloud was
+working. Timing proxies mark the busy intervals: every call on the cloud object (launch, stop, snapshot,
+console, ...), all SSH work (wait_for_ssh, every command, upload and probe), and each guest's boot from the
+return of launch to the end of the SSH wait (kiln code in that window overlaps the boot and costs no wall
+time). The overhead is the wall time outside their union; kiln's own time, overlapped or not, is broken down
+by kind. The database exists before the measured build (every build but a machine's first finds it so).
+Once with Prefect's ephemeral server (started inside the build, reported apart) and once against a running
+`prefect server start`. Run: python -m bench.overhead [--recipe recipes/hello.yaml] [--mode ephemeral|server|both]."""
 
 from __future__ import annotations
 
@@ -49,6 +52,10 @@ class Stopwatch:
         self.calls: dict[str, int] = defaultdict(int)
         self.longest: dict[str, float] = defaultdict(float)
         self.background: dict[str, float] = defaultdict(float)  # Prefect's own worker threads, off the wall path
+        # Wall-clock intervals in which a guest or the cloud was doing the work: every cloud and SSH call, and
+        # each guest's boot from launch's return to the SSH wait's (kiln code in that window overlaps the boot).
+        self.busy: list[tuple[float, float]] = []
+        self._launched: dict[str, float] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -61,11 +68,14 @@ class Stopwatch:
             try:
                 return fn(*args, **kwargs)
             finally:
-                took = time.perf_counter() - started
+                ended = time.perf_counter()
+                took = ended - started
                 nested = stack.pop()
                 if stack:
                     stack[-1] += took
                 self._record(name, took, took - nested, outermost=not stack)
+                if name.startswith(("cloud.", "ssh.")):
+                    self._mark_busy(name, started, ended)
 
         return timed
 
@@ -78,6 +88,24 @@ class Stopwatch:
             self.seconds[name] += own
             self.calls[name] += 1
             self.longest[name] = max(self.longest[name], took)
+
+    def _mark_busy(self, name: str, started: float, ended: float) -> None:
+        thread = threading.current_thread().name
+        with self._lock:
+            self.busy.append((started, ended))
+            if name == "cloud.launch":
+                self._launched[thread] = ended
+            elif name == "ssh.wait_for_ssh" and thread in self._launched:
+                self.busy.append((self._launched.pop(thread), ended))
+
+    def busy_seconds(self) -> float:
+        """The length of the union of the busy intervals: wall time in which a guest or the cloud worked."""
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted(self.busy):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
 
     def total(self, prefix: str = "") -> float:
         return sum(v for k, v in self.seconds.items() if k.startswith(prefix))
@@ -159,11 +187,11 @@ def instrument_overhead(watch: Stopwatch, patch: Any) -> None:
 
 
 def breakdown(figures: dict[str, Any], by_own: dict[str, float]) -> dict[str, float]:
-    """kiln's overhead by kind: imports, then each category of CATEGORIES, and everything else."""
+    """kiln's own time by kind: imports, then each category of CATEGORIES, and everything else."""
     rows = {"imports (kiln.cli, flows.build)": figures["import_seconds"]}
     for prefix, label in CATEGORIES.items():
         rows[label] = sum(v for k, v in by_own.items() if k.startswith(prefix))
-    rows["everything else (Prefect flow engine, CLI, result handling)"] = figures["overhead_seconds"] - sum(
+    rows["everything else (Prefect flow engine, CLI, result handling)"] = figures["own_seconds_total"] - sum(
         v for k, v in rows.items() if not k.startswith("imports")
     )
     return rows
@@ -198,11 +226,22 @@ def measure_child(recipe: Path) -> dict[str, Any]:
         "cloud_seconds": watch.total("cloud."),
         "ssh_seconds": watch.total("ssh."),
         "prefect_server_start_seconds": server,
-        "overhead_seconds": wall - inside - server,
+        "own_seconds_total": wall - inside - server,
+        "overhead_seconds": wall - watch.busy_seconds() - server,
         "by_call": {k: [round(v, 2), watch.calls[k]] for k, v in sorted(watch.seconds.items(), key=lambda x: -x[1])},
         "background": {k: round(v, 2) for k, v in sorted(watch.background.items(), key=lambda x: -x[1])},
         "own_seconds": dict(watch.seconds),
     }
+
+
+def warm_up(api_url: str) -> None:
+    """A running server has answered requests before: the measured build should not pay a new server's first
+    responses (its lazy imports and database warm-up)."""
+    import httpx
+
+    for path in ("/health", "/admin/version", "/flows/filter", "/flow_runs/filter"):
+        request = httpx.post if path.endswith("filter") else httpx.get
+        request(f"{api_url}{path}", timeout=60).raise_for_status()
 
 
 def run_mode(mode: str, recipe: Path, tmp: Path) -> dict[str, Any]:
@@ -217,8 +256,11 @@ def run_mode(mode: str, recipe: Path, tmp: Path) -> dict[str, Any]:
             home = tmp / "prefect-home"
             home.mkdir()
             env["PREFECT_API_URL"] = stack.enter_context(prefect_server(home))
+            warm_up(env["PREFECT_API_URL"])
         else:
             env.pop("PREFECT_API_URL", None)
+        kiln = Path(sys.executable).with_name("kiln")
+        subprocess.run([str(kiln), "db", "upgrade"], env=env, cwd=ROOT, capture_output=True, check=True)
         out = tmp / f"{mode}.json"
         command = [sys.executable, "-m", "bench.overhead", "--child", str(recipe), "--out", str(out)]
         started = time.perf_counter()
@@ -230,6 +272,7 @@ def run_mode(mode: str, recipe: Path, tmp: Path) -> dict[str, Any]:
     figures["process_seconds"] = process_seconds
     inside = figures["cloud_seconds"] + figures["ssh_seconds"] + figures["prefect_server_start_seconds"]
     figures["process_overhead_seconds"] = process_seconds - inside
+    figures["overlapped_seconds"] = figures["own_seconds_total"] - figures["overhead_seconds"]
     if figures["exit_code"] != 0:
         raise RuntimeError(f"{mode}: kiln build exited {figures['exit_code']}:\n{done.stderr[-3000:]}")
     return figures
@@ -247,7 +290,9 @@ def print_table(results: dict[str, dict[str, Any]], recipe: Path) -> None:
         ("    inside cloud operations", "cloud_seconds"),
         ("    inside SSH (boot wait, commands, probes)", "ssh_seconds"),
         ("    Prefect ephemeral server start", "prefect_server_start_seconds"),
-        ("    kiln's own overhead (the rest)", "overhead_seconds"),
+        ("    kiln's own time (the rest)", "own_seconds_total"),
+        ("      of it while a guest boots (overlapped)", "overlapped_seconds"),
+        ("      on the wall path: the overhead", "overhead_seconds"),
         ("whole process minus cloud, SSH, server start", "process_overhead_seconds"),
     ]
     for label, key in rows:
@@ -260,7 +305,7 @@ def print_table(results: dict[str, dict[str, Any]], recipe: Path) -> None:
         print(f"{mode}: overhead {own:.2f} s inside the build call (target <= {TARGET_SECONDS:.0f} s: {verdict}); "
               f"with the server start {with_server:.2f} s; whole process (interpreter, imports, exit) "
               f"{figures['process_overhead_seconds']:.2f} s")  # fmt: skip
-        print(f"  {mode}: kiln's overhead by kind (seconds)")
+        print(f"  {mode}: kiln's own time by kind, overlapped or not (seconds)")
         for label, seconds in breakdown(figures, figures["own_seconds"]).items():
             print(f"    {label:60}{seconds:>8.2f}")
         top = [(k, v) for k, v in figures["by_call"].items() if not k.startswith(("cloud.", "ssh."))][:10]

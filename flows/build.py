@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import shutil
@@ -190,9 +191,18 @@ def build_recipe(request: BuildRequest, trigger: str = "ui") -> list[dict]:
     """Every requested target concurrently; one failing target does not stop the others."""
     targets = targets_of(request)
     pool = ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="kiln-target")
+    # Each target's thread runs in a copy of this context: its build-image run is a subflow of this run, and it
+    # sees the caller's Prefect settings.
     states = {
         target: pool.submit(
-            build_image, request.recipe, target, request.on_error, trigger, request.require_clean, return_state=True
+            contextvars.copy_context().run,
+            build_image,
+            request.recipe,
+            target,
+            request.on_error,
+            trigger,
+            request.require_clean,
+            return_state=True,
         )
         for target in targets
     }

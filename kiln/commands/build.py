@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 import typer
@@ -31,6 +32,16 @@ def quiet_prefect_console() -> None:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
     # Without PREFECT_API_URL, Prefect starts a temporary server; on a small machine that takes 15-25 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def without_flow_heartbeats() -> AbstractContextManager:
+    """A build run from the terminal sends Prefect no flow-run heartbeats: its terminal shows whether it is alive,
+    and kiln's ledger and `kiln gc` deal with a build whose process died. Prefect's heartbeat thread sleeps in
+    1 s steps and each flow run waits for it to notice the end (up to 1 s per run, two runs per build).
+    Deployment runs, which a worker starts, keep them."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 class LiveStages:
@@ -101,10 +112,10 @@ def register(app: typer.Typer) -> None:
         LISTENERS.append(listener)
         request = BuildRequest(recipe=str(recipe), targets=targets, on_error=on_error, require_clean=require_clean)
         try:
-            if live_table:
-                with Live(listener, console=console, refresh_per_second=4, transient=False):
-                    results = build_recipe(request, trigger="cli")
-            else:
+            with ExitStack() as stack:
+                stack.enter_context(without_flow_heartbeats())
+                if live_table:
+                    stack.enter_context(Live(listener, console=console, refresh_per_second=4, transient=False))
                 results = build_recipe(request, trigger="cli")
         except BadInput as exc:
             err.print(str(exc))

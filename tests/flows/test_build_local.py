@@ -64,6 +64,19 @@ def test_hello_recipe_builds_verifies_and_records_everything(hello_build: HelloB
     assert parent.image.kind == "base"
     assert Path(image.image.path).is_file() and image.image.sha256 and image.build_id == outcome["build_id"]
     assert_nothing_left(outcome["build_id"])
+    assert parent_flow_name(lineage.get_build(outcome["build_id"]).build.flow_run_id) == "build-recipe"
+
+
+def parent_flow_name(flow_run_id: str) -> str | None:
+    """The flow whose run started this one as a subflow (the Prefect UI nests a target's run under it)."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        if run.parent_task_run_id is None:
+            return None
+        parent = client.read_flow_run(client.read_task_run(run.parent_task_run_id).flow_run_id)
+        return client.read_flow(parent.flow_id).name
 
 
 def test_failing_script_fails_customize_and_releases_every_resource(tmp_path, prefect_api):
@@ -105,8 +118,11 @@ def test_ctrl_c_during_customize_cleans_up_and_records_cancelled(tmp_path, prefe
         "name: sleeper\nversion: '1'\ntargets:\n  local: {base: {bootstrap: debian-bookworm}, memory_mb: 1024}\n"
         "scripts: [{inline: 'echo sleeping; sleep 600', name: sleep}]\nverify: [{port: {port: 22}}]\n",
     )
+    # SIGINT at its default in the child: a test run started in the background by a shell without job control
+    # would otherwise pass on "SIGINT ignored", and the Ctrl-C would do nothing.
     proc = subprocess.Popen([str(KILN), "build", str(recipe), "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         build_id = _wait_for_stage("sleeper", "customize")
         time.sleep(3)
