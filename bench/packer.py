@@ -16,6 +16,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -158,11 +160,15 @@ def packer_events(log: str) -> dict[str, float]:
     return seen
 
 
-def run_kiln(tmp: Path) -> Figures:
+def run_kiln(tmp: Path, api_url: str | None) -> Figures:
     """kiln build of bench/packer/recipe.yaml (accel: auto, the probe) into a throwaway KILN_HOME; the base
-    cache is the usual one."""
+    cache is the usual one. api_url: a running Prefect server's; None: the build starts Prefect's temporary
+    server itself, as `kiln build` does on a machine without one."""
     home = tmp / "kiln-home"
     env = {**os.environ, "KILN_HOME": str(home), "KILN_CACHE": str(settings.cache_dir())}
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     with LoadSampler() as load:
         started = time.monotonic()
         done = subprocess.run(
@@ -217,11 +223,13 @@ def step_seconds(steps: list[dict]) -> dict[str, float]:
     return seconds
 
 
-def print_table(packer: Figures, kiln: Figures, accel: str, zero: bool) -> None:
+def print_table(packer: Figures, kiln: Figures, accel: str, zero: bool, prefect: str) -> None:
     verify = float(kiln.notes["verify_seconds"])
     wall_ratio, size_ratio = kiln.wall_seconds / packer.wall_seconds, kiln.output_bytes / packer.output_bytes
     no_verify_ratio = (kiln.wall_seconds - verify) / packer.wall_seconds
     print(f"accelerator {accel}; Packer {packer_version()}; base: kiln's cached debian-bookworm bootstrap qcow2")
+    print("kiln's Prefect: " + ("a running server (prefect server start)" if prefect == "server" else
+                                "the temporary server `kiln build` starts when PREFECT_API_URL is unset"))
     print(f"Packer's sanitize: {'bento-style zero fill (dd /dev/zero, rm)' if zero else 'none'}; "
           "kiln's: every sanitize operation (zero-free-space = fstrim on the discard-enabled disk)")  # fmt: skip
     print(f"{'':34}{'Packer':>12}{'kiln':>12}{'kiln/Packer':>14}{'target':>9}")
@@ -256,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.packer", description=__doc__)
     parser.add_argument("--packer-zero", action=argparse.BooleanOptionalAction, default=True,
                         help="give Packer the zero-fill cleanup step typical Packer templates end with")  # fmt: skip
+    parser.add_argument("--prefect", choices=("ephemeral", "server"), default="ephemeral",
+                        help="kiln against Prefect's temporary server (default, what a bare `kiln build` does) "
+                             "or against a running `prefect server start` (the Prefect UI set-up)")  # fmt: skip
     args = parser.parse_args(argv)
     if shutil.which("packer") is None:
         raise RuntimeError("packer is not installed (make bench installs Debian's packer)")
@@ -266,8 +277,23 @@ def main(argv: list[str] | None = None) -> None:
         (tmp / "packer").mkdir()
         (tmp / "kiln").mkdir()
         packer = run_packer(base, accel, args.packer_zero, tmp / "packer")
-        kiln = run_kiln(tmp / "kiln")
-        print_table(packer, kiln, accel, args.packer_zero)
+        with ExitStack() as stack:
+            api_url = stack.enter_context(running_prefect_server(tmp)) if args.prefect == "server" else None
+            kiln = run_kiln(tmp / "kiln", api_url)
+        print_table(packer, kiln, accel, args.packer_zero, args.prefect)
+
+
+@contextmanager
+def running_prefect_server(tmp: Path) -> Iterator[str]:
+    """A `prefect server start` for the kiln build, answering already (as a long-running one would)."""
+    from bench.overhead import warm_up
+    from tests.prefect_server import prefect_server
+
+    home = tmp / "prefect-home"
+    home.mkdir()
+    with prefect_server(home) as api_url:
+        warm_up(api_url)
+        yield api_url
 
 
 if __name__ == "__main__":
