@@ -111,7 +111,9 @@ def _print_build(detail: lineage.BuildDetail, *, logs: bool) -> None:
     console.print(f"  recipe   {escape(r.name)}@{escape(r.version)}  fingerprint {r.fingerprint[:16]}")
     console.print(f"  source   {escape(r.repo or '(not in git)')}  {escape(r.path)}"
                   f"  commit {_commit(r.commit, r.dirty)}" + (f" on {escape(r.branch)}" if r.branch else ""))
-    console.print(f"  target   {escape(b.target)} on {_where(b.cloud, b.region)}  trigger {b.trigger}"
+    build_in = json.loads(b.parameters_json or "{}").get("build_in", "vm")
+    console.print(f"  target   {escape(b.target)} on {_where(b.cloud, b.region)}  build_in {escape(build_in)}"
+                  f"  trigger {b.trigger}"
                   + (f"  flow run {escape(b.flow_run_id)}" if b.flow_run_id else ""))
     console.print(f"  ran      {_when(b.started)} for {_took(b.started, b.finished)} on {b.host} (pid {b.pid}),"
                   f" kiln {b.kiln_version}")
