@@ -293,26 +293,26 @@ def kiln_recipe(workload: Workload, build_in: str, directory: Path) -> Path:
 
 
 def run_kiln(workload: Workload, build_in: str, tmp: Path, api_url: str | None) -> Figures:
-    """kiln build of the workload's recipe into a throwaway KILN_HOME (the base cache is the usual one). api_url:
+    """kiln build of the workload's recipe into a throwaway KILN_HOME and a cold cache (the usual bases). api_url:
     a running Prefect server's; None: the build starts Prefect's temporary server, as a bare `kiln build` does."""
     recipe = kiln_recipe(workload, build_in, tmp / "recipe")
     home = tmp / "kiln-home"
-    env = {**os.environ, "KILN_HOME": str(home), "KILN_CACHE": str(settings.cache_dir())}
+    env = {**os.environ, "KILN_HOME": str(home), "KILN_CACHE": str(cold_cache(tmp / "kiln-cache"))}
     env.pop("PREFECT_API_URL", None)
     if api_url:
         env["PREFECT_API_URL"] = api_url
     with LoadSampler() as load:
         started = time.monotonic()
-        done = subprocess.run([str(KILN), "build", str(recipe), "--target", "local", "--json"],
-                              env=env, capture_output=True, text=True, check=False)  # fmt: skip
+        done = run_timed([str(KILN), "build", str(recipe), "--target", "local", "--json"], env)
         wall = time.monotonic() - started
     if done.returncode != 0:
-        raise RuntimeError(f"kiln build failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        stderr = "\n".join(line for _, line in done.lines)
+        raise RuntimeError(f"kiln build failed ({done.returncode}):\n{done.stdout[-3000:]}\n{stderr[-3000:]}")
     build_id = json.loads(done.stdout)[0]["build_id"]
     shown = subprocess.run([str(KILN), "show", build_id, "--json"], env=env, capture_output=True, text=True,
                            check=True)  # fmt: skip
     detail = json.loads(shown.stdout)
-    recorded = json.loads(detail.get("parameters_json") or "{}").get("build_in")
+    recorded = (detail.get("parameters") or {}).get("build_in")
     if recorded != build_in:
         raise RuntimeError(f"kiln recorded build_in {recorded!r} for a {build_in} build")
     steps = step_seconds(detail["steps"])
@@ -326,8 +326,46 @@ def run_kiln(workload: Workload, build_in: str, tmp: Path, api_url: str | None) 
         verify_seconds=steps["verify"],
         output_bytes=outputs[0].stat().st_size,
         load=load.summary(),
-        notes=kiln_notes(detail, steps),
+        notes={**kiln_notes(detail, steps), "customize, slow lines": slow_lines(done.lines, "customize")},
     )
+
+
+@dataclass
+class TimedRun:
+    returncode: int
+    stdout: str
+    lines: list[tuple[float, str]]  # stderr's lines, each with the second (since start) it arrived
+
+
+def run_timed(argv: list[str], env: dict[str, str]) -> TimedRun:
+    """Run a command; its stderr lines are stamped as they arrive (kiln prints each stage's log lines there
+    with --json, untimed)."""
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started, lines = time.monotonic(), []
+
+    def stamp() -> None:
+        for line in process.stderr:
+            lines.append((time.monotonic() - started, line.rstrip("\n")))
+
+    reader = threading.Thread(target=stamp, daemon=True)
+    reader.start()
+    stdout = process.stdout.read()
+    returncode = process.wait()
+    reader.join()
+    return TimedRun(returncode, stdout, lines)
+
+
+def slow_lines(lines: list[tuple[float, str]], stage: str, gap: float = 0.5) -> str:
+    """Where a stage's time went: each of its lines that came gap seconds or more after the line before it (the
+    work in between was what the line reports, or what follows the line before), and the stage's end."""
+    own = f"[local/{stage}] "
+    marks = [(at, line.removeprefix(own)) for at, line in lines
+             if line.startswith(own) or line.startswith(f"[local] {stage}: ")]  # fmt: skip
+    if not marks:
+        return ""
+    found = [f"+{at - before:.1f}s {line[:90]}" for (before, _), (at, line) in zip(marks, marks[1:], strict=False)
+             if at - before >= gap]  # fmt: skip
+    return "; ".join(found) or f"no gap of {gap} s"
 
 
 def kiln_notes(detail: dict, steps: dict[str, float]) -> dict[str, str]:
@@ -356,6 +394,16 @@ def step_seconds(steps: list[dict]) -> dict[str, float]:
             start, end = dt.datetime.fromisoformat(step["started"]), dt.datetime.fromisoformat(step["finished"])
             seconds[step["stage"]] = (end - start).total_seconds()
     return seconds
+
+
+def cold_cache(directory: Path) -> Path:
+    """A KILN_CACHE holding the usual cached bases and KVM probe and nothing else: no layer an earlier build kept is
+    reused, so every build runs its whole customize (a first build, as Packer's always is)."""
+    directory.mkdir()
+    for name in ("bases", "kvm-probe.json"):
+        if (settings.cache_dir() / name).exists():
+            (directory / name).symlink_to(settings.cache_dir() / name)
+    return directory
 
 
 @contextmanager
@@ -413,7 +461,8 @@ def print_header(accel: str, packer_zero: bool, prefect: str) -> None:
     print("kiln's Prefect: " + ("a running server (prefect server start)" if prefect == "server" else
                                 "the temporary server `kiln build` starts when PREFECT_API_URL is unset"))
     print(f"Packer's sanitize: {'bento-style zero fill (dd /dev/zero, rm)' if packer_zero else 'none'}; kiln's: "
-          "every sanitize operation (container: the snapshot trims the filesystem; vm: fstrim in the guest)")
+          "every sanitize operation (zero-free-space: fstrim in the container or guest; a container's snapshot "
+          "trims again after it stopped)")
     print("boot/ready: Packer 'Starting VM' -> 'Connected to SSH' in its log (1 s resolution); kiln launch + "
           "wait_boot StepRuns (vm: overlay, seed, host key, cloud-init done; container: working copy, mount, "
           "network, the image's systemd running)", flush=True)  # fmt: skip
