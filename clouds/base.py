@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 if TYPE_CHECKING:
+    from clouds.layers import Layer
     from clouds.session import Session
 
 # Tags every backend puts on what it creates, so `kiln gc` can find it without the database.
@@ -185,3 +186,27 @@ class OpensSessions(Protocol):
 
     def access_hint(self, instance: Instance) -> str | None:
         """How a person gets a shell on a kept machine; None when it is reached over SSH."""
+
+
+class StepLayers(Protocol):
+    """One build machine's customize steps as cached layers (see clouds/layers.py)."""
+
+    def reusable(self, keys: list[str]) -> list[Layer]:
+        """The longest run of cached layers from the first key."""
+
+    def restore(self, layers: list[Layer], log: Callable[[str], None]) -> Session:
+        """Put the layers in place on the machine (restarting it); the new session."""
+
+    def begin(self) -> None:
+        """Remember the machine's filesystem before a step."""
+
+    def keep(self, key: str, *, step: str, build_id: str, parent: str) -> Layer:
+        """Keep what the step changed as the layer `key`."""
+
+
+@runtime_checkable
+class KeepsLayers(Protocol):
+    """A cloud whose build machines' filesystems it can read between steps (the local build container)."""
+
+    def layers(self, instance: Instance) -> StepLayers | None:
+        """The machine's step layers; None when it cannot keep them (a VM)."""

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 NSPAWN = "systemd-nspawn"
 SLIRP = "slirp4netns"
 NETNS_DIR = Path("/run/netns")
+PROPAGATE_DIR = Path("/run/systemd/nspawn/propagate")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SLIRP_DNS = "10.0.2.3"  # slirp4netns's forwarder to this host's resolver
 STOP_GRACE = 60.0  # for the container's systemd to shut down in order before it is killed
@@ -124,7 +125,12 @@ def make_working_copy(base: Path, layout: Layout, size_gb: int | None) -> None:
 
 def mount_root(layout: Layout) -> str:
     """Loop-attach and mount the working copy's root filesystem (grown online to its partition); the loop device."""
+    # The instance directory becomes an unbindable mount first: systemd-nspawn takes a recursive copy of the host's
+    # mounts when a container starts, and a copy of this root would hold its loop device busy until that other
+    # container ends; unbindable mounts (and what is mounted below them) are left out of such copies.
     loop = disk.attach_loop(layout.disk, read_only=False)
+    disk.run(["mount", "--bind", str(layout.directory), str(layout.directory)])
+    disk.run(["mount", "--make-unbindable", str(layout.directory)])
     disk.mount(loop, layout.root, read_only=False)
     if disk.run(["blkid", "-o", "value", "-s", "TYPE", loop], check=False).strip() in ("ext3", "ext4"):
         disk.run(["resize2fs", loop], check=False, timeout=600)  # no-op unless the partition grew
@@ -380,20 +386,36 @@ def release_disk(layout: Layout) -> None:
         disk.unmount(point)
     for device in disk.loops_of(layout.disk):
         disk.detach_loop(device)
-    # A device still mounted in a dying container's mount namespace is only marked to go: wait until it has.
-    deadline = time.monotonic() + 30
+    # A device still held by another container's copy of this host's mounts (a container started while this one
+    # ran) is only marked to go: the kernel detaches it when that container ends. Wait a little, then leave it so.
+    deadline = time.monotonic() + 10
     while (left := disk.loops_of(layout.disk)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if left:
-        raise CloudError(f"loop device {', '.join(left)} of {layout.disk} is still in use")
+    for device in left:
+        if not disk.detaches_itself(device):
+            raise CloudError(f"loop device {device} of {layout.disk} is still in use")
+        log.info("loop device %s of %s detaches itself once the containers that hold it end", device, layout.disk)
 
 
 def teardown(layout: Layout) -> None:
-    """Everything of one container, newest first: processes, mounts, loop devices, network; the directory
-    itself is the caller's. Whatever is gone already is skipped."""
-    kill_processes(layout)
-    release_disk(layout)
-    delete_network(layout)
+    """Everything of one container, newest first: processes, mounts, loop devices, network, and the directory
+    nspawn leaves under /run; the instance directory itself is the caller's. Whatever is gone already is
+    skipped, and one part that cannot be released does not keep the others."""
+    errors = []
+    for release in (kill_processes, release_disk, delete_network, _remove_propagation_dir):
+        try:
+            release(layout)
+        except CloudError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise CloudError("; ".join(errors))
+
+
+def _remove_propagation_dir(layout: Layout) -> None:
+    # nspawn makes /run/systemd/nspawn/propagate/<machine> for each container and cannot remove it itself here.
+    for leftover in PROPAGATE_DIR.glob(f"kiln-*-{layout.directory.name.removeprefix('i-')}"):
+        with contextlib.suppress(OSError):
+            leftover.rmdir()
 
 
 def delete_network(layout: Layout) -> None:

@@ -115,15 +115,20 @@ def mounted_read_only(disk: Path) -> Iterator[Path]:
 
 
 def loops_of(backing_file: Path) -> list[str]:
-    """Loop devices attached to a file (found by the kernel's record of their backing file)."""
-    listing = run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE"], check=False)
+    """Loop devices attached to a file, found by the kernel's record of its backing inode (its path may be shown
+    relative to a bind mount, or as deleted)."""
+    try:
+        info = os.stat(backing_file)
+    except FileNotFoundError:
+        return []
+    listing = run(["losetup", "--json", "--list", "--output", "NAME,BACK-INO,BACK-MAJ:MIN"], check=False)
     if not listing.strip():
         return []
-    wanted = os.path.realpath(backing_file)
+    wanted = (str(info.st_ino), f"{os.major(info.st_dev)}:{os.minor(info.st_dev)}")
     return [
         device["name"]
         for device in json.loads(listing).get("loopdevices", [])
-        if (device.get("back-file") or "").removesuffix(" (deleted)") == wanted
+        if (str(device.get("back-ino")), str(device.get("back-maj:min")).strip()) == wanted
     ]
 
 
@@ -150,6 +155,14 @@ def unmount(mountpoint: str) -> None:
 
 def detach_loop(device: str) -> None:
     run(["losetup", "--detach", device], check=False)
+
+
+def detaches_itself(device: str) -> bool:
+    """Whether a loop device is marked to detach when its last user closes it (a busy device asked to detach)."""
+    try:
+        return Path(f"/sys/block/{Path(device).name}/loop/autoclear").read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def _is_mounted(mountpoint: str) -> bool:

@@ -32,6 +32,7 @@ from clouds.base import (
     Resource,
     StopResult,
 )
+from clouds.layers import Layer, LayerCache, Manifest, manifest
 from clouds.ova import build_ova
 from clouds.session import Session
 from kiln import settings
@@ -301,6 +302,27 @@ class LocalCloud:
             return None
         console = Path(instance.details["console"])
         return container.wait_running(int(instance.details["pid"]), instance.name, console, timeout, log)
+
+    def layers(self, instance: Instance) -> ContainerLayers | None:
+        """The layer cache bound to a container build machine; None for a QEMU guest (its disk is not ours to read
+        while it runs)."""
+        if instance.details.get("machine") != "container":
+            return None
+        return ContainerLayers(self, instance, LayerCache(self.cache_dir / "layers"))
+
+    def reboot_container(self, instance: Instance, change: Any, log: Any) -> Session:
+        """Stop the build container, let `change(root)` edit its filesystem, boot it again: the new session."""
+        directory = self._instance_dir(instance)
+        layout = container.Layout(directory)
+        container.stop(int(instance.details["pid"]), layout, powering_off=False)
+        container.delete_network(layout)
+        change(layout.root)
+        record = _read_json(directory / INSTANCE_FILE) or {}
+        record["slirp_pid"] = container.create_network(layout)
+        record["pid"] = container.boot(layout, instance.name)
+        _write_json(directory / INSTANCE_FILE, record)
+        instance.details["pid"] = record["pid"]
+        return container.wait_running(record["pid"], instance.name, layout.console, 300, log)
 
     def access_hint(self, instance: Instance) -> str | None:
         """How a person gets a shell in a kept container (--on-error abort); None for a QEMU guest."""
@@ -684,6 +706,50 @@ class LocalCloud:
             return None
         record = _read_json(self.state_dir / instance_id / INSTANCE_FILE)
         return _instance_from_record(record) if record and "pid" in record else None
+
+
+class ContainerLayers:
+    """A build container's steps as layers: find the reusable ones, put them in place, keep each new step's change."""
+
+    def __init__(self, cloud: LocalCloud, instance: Instance, cache: LayerCache) -> None:
+        self.cloud, self.instance, self.cache = cloud, instance, cache
+        self.root = Path(instance.details["root"])
+        self._before: Manifest | None = None
+
+    def reusable(self, keys: list[str]) -> list[Layer]:
+        """The longest run of cached layers from the first key (each checked against its sha256)."""
+        found = []
+        for key in keys:
+            layer = self.cache.get(key)
+            if layer is None:
+                break
+            found.append(layer)
+        return found
+
+    def restore(self, layers: list[Layer], log: Any) -> Session:
+        """Apply the layers in order with the container stopped, then boot it again, so what their steps enabled
+        starts as it would have; returns the new session."""
+
+        def apply_all(root: Path) -> None:
+            for layer in layers:
+                self.cache.apply(layer, root)
+                self.cache.touch(layer)
+
+        return self.cloud.reboot_container(self.instance, apply_all, log)
+
+    def begin(self) -> None:
+        """Remember the filesystem as it is before a step."""
+        self._before = manifest(self.root)
+
+    def keep(self, key: str, *, step: str, build_id: str, parent: str) -> Layer:
+        """Keep what changed since begin() as the layer `key` (a layer another build made meanwhile is reused)."""
+        if self._before is None:
+            raise CloudError("keep() without begin(): nothing to compare the step's filesystem with")
+        with self.cache.locked(key):
+            layer = self.cache.get(key) or self.cache.keep(key, self.root, self._before, step=step,
+                                                           build_id=build_id, parent=parent)  # fmt: skip
+        self._before = None
+        return layer
 
 
 def _container_parts(directory: Path) -> list[tuple[str, str]]:

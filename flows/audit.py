@@ -167,7 +167,8 @@ def audit_image(image_id: str, repo: str | None = None, threshold: float = DEFAU
     try:
         with recorded_checkout(find_repository(subject.recipe, repo), subject.recipe.commit) as tree:
             found = check_fingerprint(tree / subject.recipe.path, subject.recipe.fingerprint)
-            rebuilt = build_image(str(tree / subject.recipe.path), subject.build.target, trigger="audit")
+            rebuilt = build_image(str(tree / subject.recipe.path), subject.build.target, trigger="audit",
+                                  use_cache=False)  # fmt: skip
         rebuild = lineage.resolve_image(rebuilt["image_id"])
         store.set_audit_rebuild(audit_id, rebuild_id=rebuilt["build_id"], rebuild_image_row_id=rebuild.id)
         packages, files = compare_images(subject.image, rebuild)

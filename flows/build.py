@@ -58,7 +58,9 @@ def worker_run() -> dict[str, str]:
     return {key: value for key, value in found.items() if value}
 
 
-def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, require_clean: bool) -> BuildPlan:
+def prepare(
+    recipe_path: str, target: str, *, trigger: str, on_error: str, require_clean: bool, use_cache: bool = True
+) -> BuildPlan:
     """Validate, capture git, record the recipe version and open the Build row: nothing launched yet."""
     recipe = load_recipe(recipe_path)
     if target not in recipe.targets:
@@ -85,7 +87,7 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
         trigger=trigger,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         parameters={"recipe": str(recipe_path), "target": target, "on_error": on_error, "build_in": spec.build_in,
-                    **worker_run()},
+                    "use_cache": use_cache, **worker_run()},
     )
     return BuildPlan(
         build_id=build_id,
@@ -95,6 +97,7 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
         recipe_version_id=version_id,
         cloud=open_cloud(spec, recipe.timeouts, target_name=target),
         on_error=on_error,
+        use_cache=use_cache,
     )
 
 
@@ -127,10 +130,16 @@ def _release_on_hook(flow, run, state) -> None:  # noqa: ANN001 - Prefect's hook
     on_crashed=[_release_on_hook],
 )
 def build_image(
-    recipe: str, target: str, on_error: OnError = "cleanup", trigger: str = "cli", require_clean: bool = False
+    recipe: str,
+    target: str,
+    on_error: OnError = "cleanup",
+    trigger: str = "cli",
+    require_clean: bool = False,
+    use_cache: bool = True,
 ) -> dict:
     """One target's image: fetch base → launch → wait boot → customize → sanitize → snapshot → verify → register."""
-    plan = prepare(recipe, target, trigger=trigger, on_error=on_error, require_clean=require_clean)
+    plan = prepare(recipe, target, trigger=trigger, on_error=on_error, require_clean=require_clean,
+                   use_cache=use_cache)  # fmt: skip
     _ACTIVE[str(flow_run.id)] = plan
     try:
         base = fetch_base(plan)
@@ -173,6 +182,9 @@ class BuildRequest(BaseModel):
     targets: list[str] = Field(default_factory=list, description="Targets to build; empty builds every target")
     on_error: OnError = Field("cleanup", description="cleanup: release everything; abort: keep the failed guest")
     require_clean: bool = Field(False, description="Refuse recipes with uncommitted or untracked files")
+    use_cache: bool = Field(
+        True, description="Reuse the cached layers of earlier container builds' customize steps (off: every step runs)"
+    )
 
 
 def targets_of(request: BuildRequest) -> list[str]:
@@ -203,6 +215,7 @@ def build_recipe(request: BuildRequest, trigger: str = "ui") -> list[dict]:
             request.on_error,
             trigger,
             request.require_clean,
+            request.use_cache,
             return_state=True,
         )
         for target in targets

@@ -93,9 +93,12 @@ POLL_SECONDS = 5.0
 
 @flow(name="nightly-rebuild")
 def nightly_rebuild(
-    recipes_dir: str = "recipes", targets: list[str] | None = None, fan_out: bool | None = None
+    recipes_dir: str = "recipes", targets: list[str] | None = None, fan_out: bool | None = None,
+    use_cache: bool = False,
 ) -> list[dict]:
     """Rebuild what is stale under recipes_dir; report everything else as skipped, with the reason.
+
+    use_cache is off by default: a night's rebuild runs every customize step, so it gets today's packages.
 
     Under a deployment (or with fan_out=True) each stale recipe × target becomes its own run of the
     build-image deployment, so the builds spread over every worker of the pool; otherwise they run here.
@@ -103,12 +106,16 @@ def nightly_rebuild(
     logger = get_run_logger()
     decisions = plan_night(Path(recipes_dir), targets or [])
     stale = [d for d in decisions if d.action == "rebuild"]
+    if stale:
+        logger.info("layer cache %s for tonight's builds",
+                    "on" if use_cache else "off (every step runs: fresh packages)")  # fmt: skip
     if fan_out if fan_out is not None else deployment.id is not None:
-        submit_builds(stale)
+        submit_builds(stale, use_cache)
         wait_for_builds(stale)
     else:
         for decision in stale:
-            state = build_image(decision.recipe, decision.target, trigger="schedule", return_state=True)
+            state = build_image(decision.recipe, decision.target, trigger="schedule", use_cache=use_cache,
+                                return_state=True)  # fmt: skip
             build = lineage.build_for_flow_run(str(state.state_details.flow_run_id))
             decision.build_id = build.id if build else None
             decision.status = build.status if build else "failed"
@@ -118,12 +125,13 @@ def nightly_rebuild(
     return [asdict(d) for d in decisions]
 
 
-def submit_builds(stale: list[NightlyDecision]) -> None:
+def submit_builds(stale: list[NightlyDecision], use_cache: bool = False) -> None:
     """One build-image run per stale recipe × target, created at once; workers pick them up as slots free."""
     for decision in stale:
         run = run_deployment(
             BUILD_DEPLOYMENT,
-            parameters={"request": {"recipe": decision.recipe, "targets": [decision.target]}, "trigger": "schedule"},
+            parameters={"request": {"recipe": decision.recipe, "targets": [decision.target], "use_cache": use_cache},
+                        "trigger": "schedule"},
             flow_run_name=f"nightly {Path(decision.recipe).stem} {decision.target}",
             timeout=0,
         )

@@ -31,3 +31,4 @@ from kiln.commands import attest; attest.register(app)  # noqa: E402, E702, I001
 from kiln.commands import gc; gc.register(app)  # noqa: E402, E702, I001
 from kiln.commands import limits; limits.register(app)  # noqa: E402, E702, I001
 from kiln.commands import status; status.register(app)  # noqa: E402, E702, I001
+from kiln.commands import cache; cache.register(app)  # noqa: E402, E702, I001

@@ -100,6 +100,8 @@ class Build(SQLModel, table=True):
     host: str
     pid: int
     parameters_json: str = Field(default="{}", sa_type=Text)
+    # customize's steps as layers (container builds): [{"step", "key", "reused_from": build id or null}], in order
+    layers_json: str = Field(default="[]", sa_type=Text)
 
 
 class StepRun(SQLModel, table=True):

@@ -359,6 +359,15 @@ def set_build_stage(build_id: str, stage: str) -> None:
         session.add(build)
 
 
+def record_layers(build_id: str, chain: list[dict]) -> None:
+    """The layers a build's customize steps were made of, in order: each step's key and, when reused, the build
+    whose layer it was (lineage names those builds)."""
+    with _writing() as session:
+        build = _get(session, Build, build_id)
+        build.layers_json = json.dumps(chain, sort_keys=True)
+        session.add(build)
+
+
 def set_flow_run_id(build_id: str, flow_run_id: str) -> None:
     """Link a build to the Prefect flow run that executes it."""
     with _writing() as session:

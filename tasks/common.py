@@ -52,6 +52,8 @@ class BuildPlan:
     on_error: str = "cleanup"
     build_key: KeyPair | None = field(default=None, repr=False)
     guests: list[Any] = field(default_factory=list, repr=False)  # tasks.launch.Guest, newest last
+    base_digest: str = ""  # set by fetch_base: the root of the customize steps' layer keys
+    use_cache: bool = True  # customize may reuse layers of earlier builds (where the build machine keeps them)
 
     @property
     def target(self) -> Any:
@@ -72,9 +74,12 @@ class BuildPlan:
 
 
 class BuildListener(Protocol):
-    """Who watches builds in this process (the CLI's live table): stage changes and log lines as they happen."""
+    """Who watches builds in this process (the CLI's live table): stage changes, a stage's short note (customize:
+    `cached 2/3`) and log lines as they happen."""
 
     def stage_changed(self, plan: BuildPlan, stage: str, status: str) -> None: ...
+
+    def note(self, plan: BuildPlan, stage: str, text: str) -> None: ...
 
     def line(self, plan: BuildPlan, stage: str, line: str) -> None: ...
 
@@ -85,6 +90,12 @@ LISTENERS: list[BuildListener] = []
 def _notify(plan: BuildPlan, stage: str, status: str) -> None:
     for listener in LISTENERS:
         listener.stage_changed(plan, stage, status)
+
+
+def note(plan: BuildPlan, stage: str, text: str) -> None:
+    """A short note on a stage for whoever watches (the live table shows it beside the stage's time)."""
+    for listener in LISTENERS:
+        listener.note(plan, stage, text)
 
 
 class StepLog:

@@ -34,6 +34,7 @@ def fetch_base(plan: BuildPlan, *, step_log: StepLog) -> ResolvedBase:
         raise RevokedBaseError(
             f"base {base.image_id} is {status} in provenance: choose another base for target {plan.target_name}"
         )
+    plan.base_digest = base.digest
     return ResolvedBase(image=base, row_id=row_id)
 
 

@@ -51,6 +51,7 @@ class LiveStages:
         self.console, self.live = console, live
         self.state = {t: {s: ["waiting", None, None] for s in STAGES} for t in targets}  # status, start, end
         self.build_ids: dict[str, str] = {}
+        self.notes: dict[tuple[str, str], str] = {}
         self.lock = threading.Lock()
 
     def stage_changed(self, plan, stage: str, status: str) -> None:  # noqa: ANN001 - a tasks.common.BuildPlan
@@ -65,6 +66,12 @@ class LiveStages:
         if not self.live:
             self.console.print(Text(f"[{plan.target_name}] {stage}: {status}"), soft_wrap=True)
 
+    def note(self, plan, stage: str, text: str) -> None:  # noqa: ANN001
+        with self.lock:
+            self.notes[(plan.target_name, stage)] = text
+        if not self.live:
+            self.console.print(Text(f"[{plan.target_name}] {stage}: {text}"), soft_wrap=True)
+
     def line(self, plan, stage: str, line: str) -> None:  # noqa: ANN001
         self.console.print(Text(f"[{plan.target_name}/{stage}] {line}"), highlight=False, soft_wrap=True)
 
@@ -78,9 +85,10 @@ class LiveStages:
         with self.lock:
             for target, stages in self.state.items():
                 cells = []
-                for status, start, end in stages.values():
+                for stage, (status, start, end) in stages.items():
                     seconds = f" {((end or now) - start):.0f}s" if start else ""
-                    cells.append(Text(MARK[status] + seconds, style=STYLE[status]))
+                    note = f" {self.notes[(target, stage)]}" if (target, stage) in self.notes else ""
+                    cells.append(Text(MARK[status] + seconds + note, style=STYLE[status]))
                 table.add_row(target, self.build_ids.get(target, "")[:8], *cells)
         return table
 
@@ -94,6 +102,7 @@ def register(app: typer.Typer) -> None:
         target: list[str] = typer.Option([], "--target", "-t", help="Target to build (repeat); default: all"),
         on_error: str = typer.Option("cleanup", help="cleanup: release everything; abort: keep the failed guest"),
         require_clean: bool = typer.Option(False, help="Refuse a recipe with uncommitted or untracked files"),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Run every customize step (reuse no cached layer)"),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (no live table)"),
     ) -> None:
         """Build a recipe's targets: fetch base → launch → wait boot → customize → sanitize → snapshot → verify →
@@ -110,7 +119,8 @@ def register(app: typer.Typer) -> None:
         live_table = console.is_terminal and not as_json
         listener = LiveStages(targets, console, live_table)
         LISTENERS.append(listener)
-        request = BuildRequest(recipe=str(recipe), targets=targets, on_error=on_error, require_clean=require_clean)
+        request = BuildRequest(recipe=str(recipe), targets=targets, on_error=on_error, require_clean=require_clean,
+                               use_cache=not no_cache)  # fmt: skip
         try:
             with ExitStack() as stack:
                 stack.enter_context(without_flow_heartbeats())

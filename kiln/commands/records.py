@@ -117,6 +117,12 @@ def _print_build(detail: lineage.BuildDetail, *, logs: bool) -> None:
                   + (f"  flow run {escape(b.flow_run_id)}" if b.flow_run_id else ""))
     console.print(f"  ran      {_when(b.started)} for {_took(b.started, b.finished)} on {b.host} (pid {b.pid}),"
                   f" kiln {b.kiln_version}")
+    if layers := json.loads(b.layers_json or "[]"):
+        reused = [layer for layer in layers if layer.get("reused_from")]
+        console.print(f"  layers   {len(reused)} of {len(layers)} customize steps reused from earlier builds")
+        for layer in layers:
+            origin = f"reused from build {layer['reused_from'][:12]}" if layer.get("reused_from") else "made here"
+            console.print(f"           {escape(layer['step'])}: {layer['key'][:12]} {origin}", highlight=False)
     if b.error:
         console.print(f"  [red]error[/]    {escape(b.error)}", highlight=False)
     steps = Table("stage", "attempt", "status", "started", "took", "error", title="stages")

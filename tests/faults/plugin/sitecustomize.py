@@ -44,6 +44,9 @@ def _install(signame: str, stage: str, point: str) -> None:
                 if name == stage and point == "start":
                     _fire(signame)
 
+        def note(self, plan, name, text):  # noqa: ANN001, ANN201
+            pass
+
         def line(self, plan, name, line):  # noqa: ANN001, ANN201
             pass
 
