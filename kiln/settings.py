@@ -9,6 +9,7 @@ from pathlib import Path
 from kiln import __version__
 
 KILN_VERSION = __version__
+SIGNING_KEY_ENV = "KILN_SIGNING_KEY"  # the ed25519 key `kiln attest` and every build's register stage sign with
 # Where `ssh_cidr: auto` looks up this machine's public address (the address, as text), as Packer does.
 DEFAULT_PUBLIC_IP_URL = "https://checkip.amazonaws.com"
 
