@@ -79,6 +79,7 @@ SUBNET_ID = r"^subnet-[0-9a-f]+$"
 VPC_ID = r"^vpc-[0-9a-f]+$"
 NO_SPACE = r"^\S+$"
 HTTP_PATH = r"^/\S*$"
+SSM_PATH = r"^/\S+$"
 ONE_LINE = r"^[^\t\n]*$"
 
 # What each pattern means, in words, for error messages (pydantic would print the regex).
@@ -101,6 +102,7 @@ _PATTERN_MEANING = {
     VPC_ID: "a VPC id like vpc-0abc123",
     NO_SPACE: "a single word without spaces",
     HTTP_PATH: "an absolute URL path like /index.html",
+    SSM_PATH: "an SSM parameter path like /aws/service/debian/release/12/latest/amd64",
     ONE_LINE: "one line of text (no tabs or line breaks)",
 }
 
@@ -496,7 +498,7 @@ class BaseSpec(_Model):
                               description="AMI id, Glance id or name, or a kiln local image id.")
     name: str | None = Field(default=None, min_length=1, description="Image name or pattern; the newest wins.")
     owners: list[YamlText] | None = Field(default=None, description="EC2 owners of `name` images.")
-    ssm_parameter: str | None = Field(default=None, pattern=r"^/\S+$", description="EC2 SSM parameter path.")
+    ssm_parameter: str | None = Field(default=None, pattern=SSM_PATH, description="EC2 SSM parameter path.")
     file: str | None = Field(default=None, description="Disk image relative to the recipe (local).")
     url: str | None = Field(default=None, pattern=HTTP_URL, description="Disk image to download (local).")
     sha256: str | None = Field(default=None, pattern=SHA256)
@@ -819,16 +821,19 @@ class _Loader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._aliases = 0
         self._open_anchors: set[str] = set()
         self._extent: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) with aliases expanded
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) and event.anchor in self._open_anchors:
-            raise yaml.composer.ComposerError(
-                None, None, f"alias *{event.anchor} refers to the collection that contains it (a recursive alias)",
-                event.start_mark,
-            )
+        if isinstance(event, yaml.AliasEvent):
+            self._aliases += 1
+            if event.anchor in self._open_anchors:
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{event.anchor} refers to the collection that contains it (a recursive alias)",
+                    event.start_mark,
+                )
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
@@ -867,10 +872,9 @@ class _Loader(yaml.SafeLoader):
         values = 1 + sum(count for count, _ in extents)
         depth = 1 + max((deep for _, deep in extents), default=0)
         if values > MAX_YAML_VALUES:
-            raise yaml.composer.ComposerError(
-                None, None, f"aliases expand this to more than {MAX_YAML_VALUES} values (an alias bomb?); "
-                "a recipe is far smaller", node.start_mark,
-            )
+            what = (f"aliases expand this to more than {MAX_YAML_VALUES} values (an alias bomb?)" if self._aliases
+                    else f"this holds more than {MAX_YAML_VALUES} values")
+            raise yaml.composer.ComposerError(None, None, f"{what}; a recipe is far smaller", node.start_mark)
         if depth > MAX_YAML_DEPTH:
             raise yaml.composer.ComposerError(
                 None, None, f"aliases nest this deeper than {MAX_YAML_DEPTH} levels", node.start_mark
@@ -1131,6 +1135,11 @@ def load_recipe(path: str | Path) -> Recipe:
         mark = error.problem_mark or error.context_mark
         detail = ", ".join(part for part in (error.context, error.problem) if part)
         raise RecipeError(path, [Problem("", f"invalid YAML: {detail}", mark.line + 1 if mark else None)]) from None
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow: its position, not a mark
+        line = text.count("\n", 0, error.position) + 1
+        code = f"U+{error.character:04X}" if isinstance(error.character, int) else repr(error.character)
+        problem = f"invalid YAML: the character {code} is not allowed in YAML"
+        raise RecipeError(path, [Problem("", problem, line)]) from None
     except yaml.YAMLError as error:
         raise RecipeError(path, [Problem("", f"invalid YAML: {error}", None)]) from None
     except (ValueError, RecursionError) as error:  # the loader's bounds should make these unreachable: a last net
@@ -1172,19 +1181,21 @@ def _read_recipe_text(path: Path) -> str:
         return RecipeError(path, [Problem("", message, None)])
 
     too_big = f"is larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a page of YAML"
+    def check_kind(mode: int) -> None:
+        kind = stat.S_IFMT(mode)
+        if kind != stat.S_IFREG:
+            raise refuse(f"is {_FILE_KINDS.get(kind, 'not a regular file')}, not a recipe file")
+
     try:
+        check_kind(os.stat(path).st_mode)  # a socket cannot even be opened: say what it is
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise refuse("no such recipe file") from None
     except OSError as error:
         raise refuse(f"cannot be read: {error.strerror}") from None
     try:
-        info = os.fstat(descriptor)
-        kind = stat.S_IFMT(info.st_mode)
-        if kind == stat.S_IFDIR:
-            raise refuse("is a directory, not a recipe file")
-        if kind != stat.S_IFREG:
-            raise refuse(f"is {_FILE_KINDS.get(kind, 'not a regular file')}, not a recipe file")
+        info = os.fstat(descriptor)  # what was opened, in case the path changed since the stat
+        check_kind(info.st_mode)
         if info.st_size > MAX_RECIPE_BYTES:
             raise refuse(too_big)
         with os.fdopen(os.dup(descriptor), "rb") as handle:
