@@ -7,9 +7,9 @@ PY := $(VENV)/bin/python
 KILN := $(VENV)/bin/kiln
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: QEMU to run guests, mmdebstrap + extlinux to bootstrap bases, genisoimage for
-# NoCloud seeds, postgresql for the PostgreSQL store tests.
+# NoCloud seeds, postgresql for the PostgreSQL store tests, systemd-container + slirp4netns for container builds.
 DEB_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap extlinux syslinux-common genisoimage \
-	e2fsprogs fdisk openssh-client openssh-server postgresql git
+	e2fsprogs fdisk openssh-client openssh-server postgresql git systemd-container slirp4netns iproute2 util-linux
 BENCH_PACKAGES := packer
 
 .PHONY: demo test setup system-deps venv lint bench clean openstack-test-venv

@@ -1,6 +1,13 @@
-"""kiln vs Packer 1.6.6's qemu builder: the same cached bootstrap base and the same provisioning
-(bench/packer/provision.sh), built by both on this machine; boot-to-SSH, wall time and output size side by
-side, with the ratios the issues aim at. Run: python -m bench.packer [--no-packer-zero]."""
+"""kiln vs Packer 1.6.6's qemu builder, on the same cached bootstrap base, for two workloads:
+
+- provision: bench/packer/provision.sh (files kept, a scratch download removed again);
+- packages: recipes/webserver.yaml's packages, page and script (apt-get install apache2 from Debian's mirror),
+  with the webserver's verify probes on kiln's side; Packer runs the same as shell provisioners.
+
+Columns: Packer, kiln with build_in: container, kiln with build_in: vm, and the ratios to Packer against issue
+18's targets. kiln's container customize stage is also set against the same commands run in a plain chroot on
+a working copy of the base. Run: python -m bench.packer [--workload provision|packages|all]
+[--modes packer,container,vm] [--prefect ephemeral|server] [--no-packer-zero]."""
 
 from __future__ import annotations
 
@@ -16,26 +23,89 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import yaml
+
+from bench._chroot import ChrootRun, timed_in_chroot
 from clouds import qemu
 from clouds.base import KeyPair
 from clouds.local import LocalCloud
 from kiln import settings
 
-HERE = Path(__file__).with_name("packer")
+ROOT = Path(__file__).resolve().parent.parent
+HERE = ROOT / "bench" / "packer"
+RECIPES = ROOT / "recipes"
 TEMPLATE = HERE / "debian-bookworm.json"
-RECIPE = HERE / "recipe.yaml"
 KILN = Path(sys.executable).with_name("kiln")
 USER = "debian"
-WALL_TARGET = 0.8
+MODES = ("packer", "container", "vm")
+COLUMNS = {"packer": "Packer", "container": "kiln container", "vm": "kiln vm"}
 SIZE_TARGET = 0.9
+CHROOT_TARGET = 1.3
+PACKER_EXECUTE = "chmod +x {{ .Path }}; {{ .Vars }} sudo -E sh -eu '{{ .Path }}'"
 # Packer 1.6.6's log: "2026/11/22 06:30:01 ui: ==> qemu: Starting VM, booting disk image"
 PACKER_LOG_LINE = re.compile(r"^(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d) (.*)$")
+PACKER_MILESTONES = {
+    "Starting VM": "qemu: Starting VM",
+    "Waiting for SSH": "qemu: Waiting for SSH",
+    "Connected to SSH": "qemu: Connected to SSH",
+    "zero fill": "qemu: Provisioning with shell script: /tmp/packer-shell",  # the template's last provisioner
+    "halting": "qemu: Gracefully halting",
+}
+
+
+def packer_shell(script: Path) -> dict[str, str]:
+    return {"type": "shell", "script": str(script), "execute_command": PACKER_EXECUTE}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One provisioning three ways: kiln's recipe, Packer's provisioners, and kiln's customize commands as one
+    shell command for the plain chroot."""
+
+    name: str
+    description: str
+    recipe: Path  # its local target is built, with build_in set per column
+    packer_provisioners: tuple[dict[str, str], ...]
+    chroot_uploads: dict[str, Path]  # path in the image -> file here, copied in before the timed command
+    chroot_command: str
+    wall_target: float  # kiln container wall (verify included) / Packer wall
+
+
+WORKLOADS = {
+    "provision": Workload(
+        name="provision",
+        description="bench/packer/provision.sh (kiln: bench/packer/recipe.yaml)",
+        recipe=HERE / "recipe.yaml",
+        packer_provisioners=(packer_shell(HERE / "provision.sh"),),
+        chroot_uploads={"/tmp/provision.sh": HERE / "provision.sh"},
+        chroot_command="sh -eu /tmp/provision.sh",
+        wall_target=0.8,
+    ),
+    "packages": Workload(
+        name="packages",
+        description="recipes/webserver.yaml's apache2, test page and setup.sh (Packer: bench/packer/packages.sh "
+        "after uploading the page, then setup.sh)",
+        recipe=RECIPES / "webserver.yaml",
+        packer_provisioners=(
+            {"type": "file", "source": str(RECIPES / "files/test.txt"), "destination": "/tmp/kiln-bench-test.txt"},
+            packer_shell(HERE / "packages.sh"),
+            packer_shell(RECIPES / "scripts/setup.sh"),
+        ),
+        chroot_uploads={
+            "/tmp/kiln-bench-test.txt": RECIPES / "files/test.txt",
+            "/tmp/packages.sh": HERE / "packages.sh",
+        },
+        # setup.sh less its `systemctl restart`: nothing runs services in a plain chroot
+        chroot_command="sh -eu /tmp/packages.sh && systemctl enable apache2",
+        wall_target=0.5,
+    ),
+}
 
 
 @dataclass
@@ -69,11 +139,33 @@ class LoadSampler:
 
 @dataclass
 class Figures:
+    """One build's figures: Packer's, or kiln's in one build_in mode."""
+
+    ready_seconds: float
+    customize_seconds: float
     wall_seconds: float
-    boot_to_ssh_seconds: float
+    verify_seconds: float  # 0 for Packer, which does not verify
     output_bytes: int
     load: str
-    notes: dict[str, float | str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def wall_without_verify(self) -> float:
+        return self.wall_seconds - self.verify_seconds
+
+
+@dataclass
+class WorkloadRun:
+    """Every column of one workload, the chroot timing, and what failed (a failed column does not hide the rest)."""
+
+    workload: Workload
+    figures: dict[str, Figures] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    chroot: ChrootRun | None = None
+    chroot_load: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ the base
 
 
 def cached_base(accel: str, tmp: Path) -> Path:
@@ -88,8 +180,62 @@ def chosen_accel() -> str:
     return "kvm" if qemu.kvm_works(settings.cache_dir() / "kvm-probe.json") else "tcg"
 
 
-def run_packer(base: Path, accel: str, zero_free_space: bool, tmp: Path) -> Figures:
-    """packer build of bench/packer/debian-bookworm.json; boot-to-SSH from its log's timestamps."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as disk:
+        while chunk := disk.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------- Packer
+
+
+def run_packer(workload: Workload, base: Path, accel: str, zero_free_space: bool, tmp: Path) -> Figures:
+    """packer build of the template with the workload's provisioners; its stages from its log's timestamps."""
+    log_path, output_dir = tmp / "packer.log", tmp / "output"
+    env = {**os.environ, "PACKER_LOG": "1", "PACKER_LOG_PATH": str(log_path), "CHECKPOINT_DISABLE": "1",
+           "PACKER_CACHE_DIR": str(tmp / "packer_cache")}  # fmt: skip
+    variables = {
+        "base": str(base),
+        "base_sha256": file_sha256(base),
+        "accelerator": accel,
+        "seed_dir": str(packer_seed(tmp)),
+        "ssh_key": str(tmp / "id_ed25519"),
+        "output_dir": str(output_dir),
+        "zero_free_space": "true" if zero_free_space else "false",
+    }
+    command = ["packer", "build", "-color=false"]
+    for name, value in variables.items():
+        command += ["-var", f"{name}={value}"]
+    with LoadSampler() as load:
+        started_at, started = time.time(), time.monotonic()
+        done = subprocess.run([*command, str(packer_template(workload, tmp))], env=env, capture_output=True,
+                              text=True, check=False)  # fmt: skip
+        wall = time.monotonic() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"packer build failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
+    at = packer_events(log_path.read_text(errors="replace"))
+    phases = {
+        "checksum and copy of the base": at["Starting VM"] - started_at,
+        "boot to SSH": at["Connected to SSH"] - at["Starting VM"],
+        "provisioners": at["zero fill"] - at["Connected to SSH"],
+        "zero fill": at["halting"] - at["zero fill"],
+        "shutdown and qcow2 conversion": started_at + wall - at["halting"],
+    }
+    return Figures(
+        ready_seconds=phases["boot to SSH"],
+        customize_seconds=phases["provisioners"],
+        wall_seconds=wall,
+        verify_seconds=0.0,
+        output_bytes=(output_dir / "packer-bench.qcow2").stat().st_size,
+        load=load.summary(),
+        notes={"stages (s, 1 s resolution)": json.dumps({k: round(v) for k, v in phases.items()})},
+    )
+
+
+def packer_seed(tmp: Path) -> Path:
+    """A NoCloud seed with the debian user and a fresh key (its private half at tmp/id_ed25519)."""
     key = KeyPair.generate("kiln-bench-packer")
     key_file = tmp / "id_ed25519"
     key_file.write_text(key.private_key)
@@ -102,68 +248,54 @@ def run_packer(base: Path, accel: str, zero_free_space: bool, tmp: Path) -> Figu
         f"    lock_passwd: true\n    ssh_authorized_keys: ['{key.public_key}']\n"
     )
     (seed / "meta-data").write_text("instance-id: packer-bench\nlocal-hostname: packer-bench\n")
-    log_path, output_dir = tmp / "packer.log", tmp / "output"
-    env = {**os.environ, "PACKER_LOG": "1", "PACKER_LOG_PATH": str(log_path), "CHECKPOINT_DISABLE": "1",
-           "PACKER_CACHE_DIR": str(tmp / "packer_cache")}  # fmt: skip
-    variables = {
-        "base": str(base),
-        "base_sha256": file_sha256(base),
-        "accelerator": accel,
-        "seed_dir": str(seed),
-        "ssh_key": str(key_file),
-        "output_dir": str(output_dir),
-        "zero_free_space": "true" if zero_free_space else "false",
-    }
-    command = ["packer", "build", "-color=false"]
-    for name, value in variables.items():
-        command += ["-var", f"{name}={value}"]
-    with LoadSampler() as load:
-        started = time.monotonic()
-        done = subprocess.run([*command, str(TEMPLATE)], env=env, capture_output=True, text=True, check=False)
-        wall = time.monotonic() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"packer build failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
-    events = packer_events(log_path.read_text(errors="replace"))
-    output = output_dir / "packer-bench.qcow2"
-    return Figures(
-        wall_seconds=wall,
-        boot_to_ssh_seconds=events["Connected to SSH"] - events["Starting VM"],
-        output_bytes=output.stat().st_size,
-        load=load.summary(),
-        notes={"waiting_for_ssh_to_connected": events["Connected to SSH"] - events["Waiting for SSH"]},
-    )
+    return seed
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as disk:
-        while chunk := disk.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def packer_template(workload: Workload, tmp: Path) -> Path:
+    """bench/packer/debian-bookworm.json with the workload's provisioners before its own (the zero fill)."""
+    template = json.loads(TEMPLATE.read_text())
+    template["provisioners"] = [*workload.packer_provisioners, *template["provisioners"]]
+    path = tmp / "template.json"
+    path.write_text(json.dumps(template, indent=2))
+    return path
 
 
 def packer_events(log: str) -> dict[str, float]:
-    """The first time (epoch seconds, 1 s resolution) Packer's log shows each boot milestone."""
-    wanted = ("Starting VM", "Waiting for SSH", "Connected to SSH")
+    """The first time (epoch seconds, 1 s resolution) Packer's log shows each milestone."""
     seen: dict[str, float] = {}
     for line in log.splitlines():
         match = PACKER_LOG_LINE.match(line)
         if not match:
             continue
-        for marker in wanted:
-            if marker not in seen and f"qemu: {marker}" in match.group(2):
-                stamp = dt.datetime.strptime(match.group(1), "%Y/%m/%d %H:%M:%S")
-                seen[marker] = stamp.timestamp()
-    missing = [m for m in wanted if m not in seen]
+        for name, marker in PACKER_MILESTONES.items():
+            if name not in seen and marker in match.group(2):
+                seen[name] = dt.datetime.strptime(match.group(1), "%Y/%m/%d %H:%M:%S").timestamp()
+    missing = [name for name in PACKER_MILESTONES if name not in seen]
     if missing:
         raise RuntimeError(f"Packer's log lacks {missing}")
     return seen
 
 
-def run_kiln(tmp: Path, api_url: str | None) -> Figures:
-    """kiln build of bench/packer/recipe.yaml (accel: auto, the probe) into a throwaway KILN_HOME; the base
-    cache is the usual one. api_url: a running Prefect server's; None: the build starts Prefect's temporary
-    server itself, as `kiln build` does on a machine without one."""
+# ---------------------------------------------------------------------------------------------------- kiln
+
+
+def kiln_recipe(workload: Workload, build_in: str, directory: Path) -> Path:
+    """A copy of the workload's recipe directory whose recipe has only its local target, built in build_in on a
+    guest sized like Packer's (1 GiB, 2 CPUs), with one output, the qcow2 (what Packer writes)."""
+    shutil.copytree(workload.recipe.parent, directory)
+    recipe = yaml.safe_load(workload.recipe.read_text())
+    local = {**recipe["targets"]["local"], "build_in": build_in, "memory_mb": 1024, "cpus": 2, "accel": "auto"}
+    recipe["targets"] = {"local": local}
+    recipe["outputs"] = {**recipe.get("outputs", {}), "formats": ["qcow2"]}
+    path = directory / workload.recipe.name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_kiln(workload: Workload, build_in: str, tmp: Path, api_url: str | None) -> Figures:
+    """kiln build of the workload's recipe into a throwaway KILN_HOME (the base cache is the usual one). api_url:
+    a running Prefect server's; None: the build starts Prefect's temporary server, as a bare `kiln build` does."""
+    recipe = kiln_recipe(workload, build_in, tmp / "recipe")
     home = tmp / "kiln-home"
     env = {**os.environ, "KILN_HOME": str(home), "KILN_CACHE": str(settings.cache_dir())}
     env.pop("PREFECT_API_URL", None)
@@ -171,46 +303,49 @@ def run_kiln(tmp: Path, api_url: str | None) -> Figures:
         env["PREFECT_API_URL"] = api_url
     with LoadSampler() as load:
         started = time.monotonic()
-        done = subprocess.run(
-            [str(KILN), "build", str(RECIPE), "--target", "local", "--json"],
-            env=env, capture_output=True, text=True, check=False,
-        )  # fmt: skip
+        done = subprocess.run([str(KILN), "build", str(recipe), "--target", "local", "--json"],
+                              env=env, capture_output=True, text=True, check=False)  # fmt: skip
         wall = time.monotonic() - started
     if done.returncode != 0:
         raise RuntimeError(f"kiln build failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout)[0]
-    shown = subprocess.run(
-        [str(KILN), "show", result["build_id"], "--json"], env=env, capture_output=True, text=True, check=True
-    )
+    build_id = json.loads(done.stdout)[0]["build_id"]
+    shown = subprocess.run([str(KILN), "show", build_id, "--json"], env=env, capture_output=True, text=True,
+                           check=True)  # fmt: skip
     detail = json.loads(shown.stdout)
+    recorded = json.loads(detail.get("parameters_json") or "{}").get("build_in")
+    if recorded != build_in:
+        raise RuntimeError(f"kiln recorded build_in {recorded!r} for a {build_in} build")
     steps = step_seconds(detail["steps"])
-    logs = {step["stage"]: step.get("log") or "" for step in detail["steps"]}
     outputs = sorted((home / "images").rglob("*.qcow2"))
     if len(outputs) != 1:
         raise RuntimeError(f"expected one registered qcow2 under {home / 'images'}, found {outputs}")
     return Figures(
+        ready_seconds=steps["launch"] + steps["wait_boot"],
+        customize_seconds=steps["customize"],
         wall_seconds=wall,
-        boot_to_ssh_seconds=steps["launch"] + steps["wait_boot"],
+        verify_seconds=steps["verify"],
         output_bytes=outputs[0].stat().st_size,
         load=load.summary(),
-        notes={
-            "verify_seconds": steps["verify"],
-            "stages": json.dumps({k: round(v, 1) for k, v in steps.items()}),
-            "zero_free_space": zero_free_space_lines(logs.get("sanitize", "")),
-            "snapshot": "; ".join(line for line in logs.get("snapshot", "").splitlines()
-                                  if line.startswith(("stopped in", "image written in"))),  # fmt: skip
-            "sanitize": ", ".join(re.sub(r": done \((\d+) removed, ", r" \1 in ", line).rstrip(")")
-                                  for line in logs.get("sanitize", "").splitlines() if ": done (" in line),  # fmt: skip
-        },
+        notes=kiln_notes(detail, steps),
     )
 
 
-def zero_free_space_lines(sanitize_log: str) -> str:
-    """What kiln's zero-free-space operation did, from the sanitize step log: fstrim's report (the discard path)
-    or 'zeroed free space' (the dd fallback)."""
-    lines = [line.removeprefix("zero-free-space: ") for line in sanitize_log.splitlines()
-             if line.startswith("zero-free-space: ")]  # fmt: skip
-    return "; ".join(lines) or "not run"
+def kiln_notes(detail: dict, steps: dict[str, float]) -> dict[str, str]:
+    """What the lead reads to see where a kiln build went: stages, sanitize, snapshot, probes."""
+    logs = {step["stage"]: step.get("log") or "" for step in detail["steps"]}
+    sanitize = logs.get("sanitize", "")
+    return {
+        "stages (s)": json.dumps({k: round(v, 1) for k, v in steps.items()}),
+        "wait_boot": "; ".join(line for line in logs.get("wait_boot", "").splitlines() if "degraded" in line),
+        "zero-free-space": "; ".join(line.removeprefix("zero-free-space: ") for line in sanitize.splitlines()
+                                     if line.startswith("zero-free-space: ")) or "not run",  # fmt: skip
+        "sanitize (removed, time)": ", ".join(re.sub(r": done \((\d+) removed, ", r" \1 in ", line).rstrip(")")
+                                              for line in sanitize.splitlines() if ": done (" in line),  # fmt: skip
+        "snapshot": "; ".join(line for line in logs.get("snapshot", "").splitlines()
+                              if line.startswith(("stopped in", "image written in"))),  # fmt: skip
+        "probes": ", ".join(f"{p['name']} {'passed' if p['passed'] else 'FAILED'} ({p['duration']:.1f}s)"
+                            for p in detail.get("probes", [])),  # fmt: skip
+    }
 
 
 def step_seconds(steps: list[dict]) -> dict[str, float]:
@@ -223,69 +358,9 @@ def step_seconds(steps: list[dict]) -> dict[str, float]:
     return seconds
 
 
-def print_table(packer: Figures, kiln: Figures, accel: str, zero: bool, prefect: str) -> None:
-    verify = float(kiln.notes["verify_seconds"])
-    wall_ratio, size_ratio = kiln.wall_seconds / packer.wall_seconds, kiln.output_bytes / packer.output_bytes
-    no_verify_ratio = (kiln.wall_seconds - verify) / packer.wall_seconds
-    print(f"accelerator {accel}; Packer {packer_version()}; base: kiln's cached debian-bookworm bootstrap qcow2")
-    print("kiln's Prefect: " + ("a running server (prefect server start)" if prefect == "server" else
-                                "the temporary server `kiln build` starts when PREFECT_API_URL is unset"))
-    print(f"Packer's sanitize: {'bento-style zero fill (dd /dev/zero, rm)' if zero else 'none'}; "
-          "kiln's: every sanitize operation (zero-free-space = fstrim on the discard-enabled disk)")  # fmt: skip
-    print(f"{'':34}{'Packer':>12}{'kiln':>12}{'kiln/Packer':>14}{'target':>9}")
-    rows = [
-        ("boot to SSH (s)", packer.boot_to_ssh_seconds, kiln.boot_to_ssh_seconds, None),
-        ("wall time (s)", packer.wall_seconds, kiln.wall_seconds, WALL_TARGET),
-        ("wall time without verify (s)", packer.wall_seconds, kiln.wall_seconds - verify, WALL_TARGET),
-        ("output qcow2 (bytes)", packer.output_bytes, kiln.output_bytes, SIZE_TARGET),
-    ]
-    for label, p, k, target in rows:
-        ratio = k / p
-        verdict = "" if target is None else (f"<= {target}" + (" met" if ratio <= target else " MISSED"))
-        shown = [f"{v:>12d}" if isinstance(v, int) else f"{v:>12.1f}" for v in (p, k)]
-        print(f"{label:34}{shown[0]}{shown[1]}{ratio:>14.2f}  {verdict}")
-    print(f"load average (1 min) during Packer: {packer.load}; during kiln: {kiln.load} (2 cores, shared)")
-    print("boot to SSH: Packer 'Starting VM' -> 'Connected to SSH' in its log (1 s resolution; Waiting for SSH -> "
-          f"Connected {packer.notes['waiting_for_ssh_to_connected']:.0f} s); kiln launch + wait_boot StepRuns "
-          "(includes overlay, seed, host key pinned from the console and cloud-init done)")  # fmt: skip
-    print(f"kiln stages (s): {kiln.notes['stages']}")
-    print(f"kiln zero-free-space: {kiln.notes['zero_free_space']}")
-    print(f"kiln sanitize operations (removed, guest time): {kiln.notes['sanitize']}")
-    print(f"kiln snapshot: {kiln.notes['snapshot']}")
-    print(f"summary: wall {wall_ratio:.2f} (without verify {no_verify_ratio:.2f}), size {size_ratio:.2f}")
-
-
-def packer_version() -> str:
-    done = subprocess.run(["packer", "version"], capture_output=True, text=True, check=False)
-    return done.stdout.strip().splitlines()[0] if done.returncode == 0 else "unknown"
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.packer", description=__doc__)
-    parser.add_argument("--packer-zero", action=argparse.BooleanOptionalAction, default=True,
-                        help="give Packer the zero-fill cleanup step typical Packer templates end with")  # fmt: skip
-    parser.add_argument("--prefect", choices=("ephemeral", "server"), default="ephemeral",
-                        help="kiln against Prefect's temporary server (default, what a bare `kiln build` does) "
-                             "or against a running `prefect server start` (the Prefect UI set-up)")  # fmt: skip
-    args = parser.parse_args(argv)
-    if shutil.which("packer") is None:
-        raise RuntimeError("packer is not installed (make bench installs Debian's packer)")
-    accel = chosen_accel()
-    with tempfile.TemporaryDirectory(prefix="kiln-bench-packer-") as name:
-        tmp = Path(name)
-        base = cached_base(accel, tmp)
-        (tmp / "packer").mkdir()
-        (tmp / "kiln").mkdir()
-        packer = run_packer(base, accel, args.packer_zero, tmp / "packer")
-        with ExitStack() as stack:
-            api_url = stack.enter_context(running_prefect_server(tmp)) if args.prefect == "server" else None
-            kiln = run_kiln(tmp / "kiln", api_url)
-        print_table(packer, kiln, accel, args.packer_zero, args.prefect)
-
-
 @contextmanager
 def running_prefect_server(tmp: Path) -> Iterator[str]:
-    """A `prefect server start` for the kiln build, answering already (as a long-running one would)."""
+    """A `prefect server start` for the kiln builds, answering already (as a long-running one would)."""
     from bench.overhead import warm_up
     from tests.prefect_server import prefect_server
 
@@ -294,6 +369,152 @@ def running_prefect_server(tmp: Path) -> Iterator[str]:
     with prefect_server(home) as api_url:
         warm_up(api_url)
         yield api_url
+
+
+# ------------------------------------------------------------------------------------------------ a workload
+
+
+def run_workload(workload: Workload, modes: list[str], base: Path, accel: str, packer_zero: bool, tmp: Path,
+                 api_url: str | None) -> WorkloadRun:  # fmt: skip
+    """Each chosen column in turn, and the plain chroot right after the container build (the nearest load)."""
+    run = WorkloadRun(workload)
+    for mode in modes:
+        work = tmp / f"{workload.name}-{mode}"
+        work.mkdir()
+        try:
+            if mode == "packer":
+                run.figures[mode] = run_packer(workload, base, accel, packer_zero, work)
+            else:
+                run.figures[mode] = run_kiln(workload, mode, work, api_url)
+        except Exception as exc:  # one failed column must not hide the others' figures
+            run.errors[mode] = f"{type(exc).__name__}: {exc}"
+        if mode == "container":
+            time_chroot(run, base, tmp / f"{workload.name}-chroot")
+    return run
+
+
+def time_chroot(run: WorkloadRun, base: Path, work: Path) -> None:
+    with LoadSampler() as load:
+        try:
+            # kiln's customize stage ends with a sync too
+            run.chroot = timed_in_chroot(base, run.workload.chroot_uploads, f"{run.workload.chroot_command} && sync",
+                                         work)  # fmt: skip
+        except Exception as exc:
+            run.errors["chroot"] = f"{type(exc).__name__}: {exc}"
+    run.chroot_load = load.summary()
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def print_header(accel: str, packer_zero: bool, prefect: str) -> None:
+    print(f"accelerator {accel}; {packer_version()}; base: kiln's cached debian-bookworm bootstrap qcow2; "
+          "Packer's guest and kiln's guests: 1 GiB, 2 CPUs")  # fmt: skip
+    print("kiln's Prefect: " + ("a running server (prefect server start)" if prefect == "server" else
+                                "the temporary server `kiln build` starts when PREFECT_API_URL is unset"))
+    print(f"Packer's sanitize: {'bento-style zero fill (dd /dev/zero, rm)' if packer_zero else 'none'}; kiln's: "
+          "every sanitize operation (container: the snapshot trims the filesystem; vm: fstrim in the guest)")
+    print("boot/ready: Packer 'Starting VM' -> 'Connected to SSH' in its log (1 s resolution); kiln launch + "
+          "wait_boot StepRuns (vm: overlay, seed, host key, cloud-init done; container: working copy, mount, "
+          "network, the image's systemd running)", flush=True)  # fmt: skip
+
+
+def print_report(run: WorkloadRun) -> None:
+    figures, workload = run.figures, run.workload
+    print(f"\n== workload {workload.name}: {workload.description}")
+    columns = [mode for mode in MODES if mode in figures]
+    ratios = [mode for mode in ("container", "vm") if mode in figures and "packer" in figures]
+    rows: list[tuple[str, Callable[[Figures], float], float | None]] = [
+        ("boot/ready (s)", lambda f: f.ready_seconds, None),
+        ("customize (s)", lambda f: f.customize_seconds, None),
+        ("wall time (s)", lambda f: f.wall_seconds, workload.wall_target),
+        ("wall time without verify (s)", lambda f: f.wall_without_verify, None),
+        ("output qcow2 (bytes)", lambda f: f.output_bytes, SIZE_TARGET),
+    ]
+    print(f"{'':30}" + "".join(f"{COLUMNS[m]:>16}" for m in columns)
+          + "".join(f"{m + '/Packer':>18}" for m in ratios) + ("   target (container)" if ratios else ""))
+    for label, value, target in rows:
+        line = f"{label:30}" + "".join(f"{shown(value(figures[m])):>16}" for m in columns)
+        line += "".join(f"{value(figures[m]) / value(figures['packer']):>18.2f}" for m in ratios)
+        if target is not None and "container" in ratios:
+            line += "   " + verdict(value(figures["container"]) / value(figures["packer"]), target)
+        print(line)
+    print_chroot(run)
+    for mode in columns:
+        print(f"{COLUMNS[mode]}: load average (1 min) {figures[mode].load} (2 cores, shared)")
+        for name, note in figures[mode].notes.items():
+            if note:
+                print(f"  {name}: {note}")
+    for what, error in run.errors.items():
+        print(f"{COLUMNS.get(what, what)} FAILED: {error}")
+    sys.stdout.flush()
+
+
+def print_chroot(run: WorkloadRun) -> None:
+    """kiln's container customize stage against the same commands in a plain chroot."""
+    if run.chroot is None:
+        return
+    line = (f"customize in a plain chroot on a working copy of the base: {run.chroot.seconds:.1f} s "
+            f"(load {run.chroot_load}; `{run.workload.chroot_command}`, no service started)")  # fmt: skip
+    print(line)
+    if "container" in run.figures:
+        ratio = run.figures["container"].customize_seconds / run.chroot.seconds
+        print(f"kiln container customize / plain chroot: {ratio:.2f}   {verdict(ratio, CHROOT_TARGET)}")
+
+
+def shown(value: float) -> str:
+    return f"{value:d}" if isinstance(value, int) else f"{value:.1f}"
+
+
+def verdict(ratio: float, target: float) -> str:
+    return f"<= {target} " + ("met" if ratio <= target else "MISSED")
+
+
+def packer_version() -> str:
+    done = subprocess.run(["packer", "version"], capture_output=True, text=True, check=False)
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 else "Packer unknown"
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.packer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all")
+    parser.add_argument("--modes", type=modes_list, default=list(MODES),
+                        help="the columns, comma-separated, from packer,container,vm (default: all three)")  # fmt: skip
+    parser.add_argument("--packer-zero", action=argparse.BooleanOptionalAction, default=True,
+                        help="give Packer the zero-fill cleanup step typical Packer templates end with")  # fmt: skip
+    parser.add_argument("--prefect", choices=("ephemeral", "server"), default="ephemeral",
+                        help="kiln against Prefect's temporary server (default, what a bare `kiln build` does) "
+                             "or against a running `prefect server start` (the Prefect UI set-up)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def modes_list(text: str) -> list[str]:
+    modes = [mode.strip() for mode in text.split(",") if mode.strip()]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(MODES)}")
+    return [mode for mode in MODES if mode in modes]  # always Packer, container, vm order
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if "packer" in args.modes and shutil.which("packer") is None:
+        raise RuntimeError("packer is not installed (make bench installs Debian's packer)")
+    workloads = list(WORKLOADS.values()) if args.workload == "all" else [WORKLOADS[args.workload]]
+    accel = chosen_accel()
+    print_header(accel, args.packer_zero, args.prefect)
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-packer-") as name, ExitStack() as stack:
+        tmp = Path(name)
+        base = cached_base(accel, tmp)
+        api_url = None
+        if args.prefect == "server" and set(args.modes) - {"packer"}:
+            api_url = stack.enter_context(running_prefect_server(tmp))
+        for workload in workloads:
+            print_report(run_workload(workload, args.modes, base, accel, args.packer_zero, tmp, api_url))
 
 
 if __name__ == "__main__":

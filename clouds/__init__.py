@@ -15,7 +15,7 @@ def open_cloud(target: Any, timeouts: Any = None, *, target_name: str | None = N
 
         return LocalCloud(
             accel=target.accel, memory_mb=target.memory_mb, cpus=target.cpus, disk_size_gb=target.disk_size_gb,
-            qcow2_compression=target.qcow2_compression,
+            qcow2_compression=target.qcow2_compression, build_in=target.build_in,
         )
     if kind == "ec2":
         from clouds.ec2 import EC2Cloud

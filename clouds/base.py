@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+if TYPE_CHECKING:
+    from clouds.session import Session
 
 # Tags every backend puts on what it creates, so `kiln gc` can find it without the database.
 TAG_BUILD = "kiln:build-id"
@@ -170,3 +174,14 @@ class Cloud(Protocol):
     def owned(self, tags: dict[str, str] | None = None) -> list[Resource]: ...
 
     def release(self, resource: Resource) -> None: ...
+
+
+@runtime_checkable
+class OpensSessions(Protocol):
+    """A cloud that reaches some of its build machines without SSH (the local cloud's containers)."""
+
+    def open_session(self, instance: Instance, timeout: float, log: Callable[[str], None]) -> Session | None:
+        """A session once the machine is up; None when the instance is reached over SSH like any guest."""
+
+    def access_hint(self, instance: Instance) -> str | None:
+        """How a person gets a shell on a kept machine; None when it is reached over SSH."""

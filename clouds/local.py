@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clouds import bootstrap, fetch, qemu
+from clouds import bootstrap, container, disk, fetch, qemu
 from clouds.base import (
     BaseImage,
     CloudError,
@@ -33,6 +33,7 @@ from clouds.base import (
     StopResult,
 )
 from clouds.ova import build_ova
+from clouds.session import Session
 from kiln import settings
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,15 @@ def qcow2_output_options(compression: str = "zstd") -> tuple[str, ...]:
         raise CloudError(f"qcow2_compression: {compression!r} is not one of {', '.join(QCOW2_COMPRESSIONS)}")
     return ("-c", "-o", f"compression_type={compression},cluster_size=256k", "-W", "-m", "8")
 UNIX_PATH_MAX = 107
+BUILD_IN = ("container", "vm")
 
 
 class LocalCloud:
-    """QEMU on this machine: overlays on cached bases, user networking on 127.0.0.1, images as files."""
+    """QEMU on this machine: overlays on cached bases, user networking on 127.0.0.1, images as files.
+
+    With build_in "container" the build machine (role "build") is instead a container booted on a working copy of
+    the base disk (clouds/container.py): customize runs at native speed, and verify still boots the image in QEMU.
+    """
 
     # QEMU exits when its guest powers itself off, so a build may power the guest off from inside (faster than
     # an ACPI shutdown through every service) and stop() only waits for the process.
@@ -76,9 +82,13 @@ class LocalCloud:
         cpus: int = 2,
         disk_size_gb: int | None = None,
         qcow2_compression: str = "zstd",
+        build_in: str = "vm",
     ) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise CloudError(f"accel: {accel!r} is not one of auto, kvm, tcg")
+        if build_in not in BUILD_IN:
+            raise CloudError(f"build_in: {build_in!r} is not one of {', '.join(BUILD_IN)}")
+        self.build_in = build_in
         self.qcow2_options = qcow2_output_options(qcow2_compression)
         self.state_dir = Path(state_dir) if state_dir else settings.state_dir()
         self.images_dir = Path(images_dir) if images_dir else settings.images_dir()
@@ -201,10 +211,13 @@ class LocalCloud:
         role: str = "build",
         firewall: str | None = None,
     ) -> Instance:
-        """Start a guest on an overlay of the base, with a NoCloud seed and 127.0.0.1 forwards for ports."""
+        """Start a guest on an overlay of the base, with a NoCloud seed and 127.0.0.1 forwards for ports; with
+        build_in container, the build machine is a container on a working copy of the base instead."""
         base_path = Path(base.details.get("path") or base.image_id)
         if not base_path.is_file():
             raise CloudError(f"base disk {base_path} does not exist (resolve_base it again)")
+        if role == "build" and self.build_in == "container":
+            return self._launch_container(base, base_path, tags, role)
         base_format = base.details.get("format") or qemu.image_info(base_path)["format"]
         instance_id = f"i-{secrets.token_hex(6)}"
         name = f"kiln-{role}-{instance_id[2:]}"
@@ -250,6 +263,55 @@ class LocalCloud:
             instance_id, role, pid, accel, base.name or base_path, forwards[22],
         )  # fmt: skip
         return _instance_from_record(record)
+
+    def _launch_container(self, base: BaseImage, base_path: Path, tags: dict[str, str], role: str) -> Instance:
+        """A working copy of the base, its root mounted, a network of its own, and the image's systemd booted in
+        a container; each part is in the instance's record before it is made (teardown finds it from there)."""
+        container.require_tools()
+        instance_id = f"i-{secrets.token_hex(6)}"
+        name = f"kiln-{role}-{instance_id[2:]}"
+        directory = self.state_dir / instance_id
+        layout = container.Layout(directory)
+        directory.mkdir(parents=True)
+        record: dict[str, Any] = {
+            "instance_id": instance_id, "name": name, "role": role, "ssh_user": base.ssh_user, "tags": dict(tags),
+            "created": _now(), "dir": str(directory), "machine": "container", "status": "starting",
+            "base": {"path": str(base_path), "digest": base.digest, "name": base.name},
+            "disk": str(layout.disk), "root": str(layout.root), "netns": layout.netns, "console": str(layout.console),
+        }  # fmt: skip
+        _write_json(directory / INSTANCE_FILE, record)
+        try:
+            container.make_working_copy(base_path, layout, base.details.get("disk_size_gb") or self.disk_size_gb)
+            record["loop"] = container.mount_root(layout)
+            record["slirp_pid"] = container.create_network(layout)
+            _write_json(directory / INSTANCE_FILE, record)
+            record["pid"] = container.boot(layout, name)
+        except BaseException:
+            self._destroy(directory, None)
+            raise
+        record["status"] = "running"
+        _write_json(directory / INSTANCE_FILE, record)
+        log.info("launched %s (%s, container, nspawn pid %d) from %s", instance_id, role, record["pid"],
+                 base.name or base_path)  # fmt: skip
+        return _instance_from_record(record)
+
+    def open_session(self, instance: Instance, timeout: float, log: Any) -> Session | None:
+        """A container build machine's session once its systemd is up; None for a QEMU guest (reached over SSH)."""
+        if instance.details.get("machine") != "container":
+            return None
+        console = Path(instance.details["console"])
+        return container.wait_running(int(instance.details["pid"]), instance.name, console, timeout, log)
+
+    def access_hint(self, instance: Instance) -> str | None:
+        """How a person gets a shell in a kept container (--on-error abort); None for a QEMU guest."""
+        if instance.details.get("machine") != "container":
+            return None
+        leader = container.leader_of(int(instance.details["pid"]))
+        return (
+            f"build container {instance.instance_id} kept (filesystem at {instance.details['root']}): "
+            f"sudo nsenter --target {leader} --all --root --wd /bin/bash" if leader else
+            f"build container {instance.instance_id} is no longer running (filesystem at {instance.details['root']})"
+        )  # fmt: skip
 
     def _accel(self) -> str:
         if self.accel != "auto":
@@ -344,7 +406,9 @@ class LocalCloud:
         directory = self._instance_dir(instance)
         pid = self._pid(instance, directory)
         started = time.monotonic()
-        if pid is None or not qemu.process_alive(pid) or not qemu.is_our_qemu(pid, str(directory)):
+        if instance.details.get("machine") == "container":
+            result = self._stop_container(instance, pid, directory, timeout, started)
+        elif pid is None or not qemu.process_alive(pid) or not qemu.is_our_qemu(pid, str(directory)):
             result = StopResult(forced=False, seconds=0.0, detail="already stopped")
         else:
             qmp = Path(instance.details.get("qmp") or directory / "qmp.sock")
@@ -356,6 +420,21 @@ class LocalCloud:
         }
         self._update_record(directory, status="stopped", stop=instance.details["stop"])
         return result
+
+    def _stop_container(
+        self, instance: Instance, pid: int | None, directory: Path, timeout: float, started: float
+    ) -> StopResult:
+        """Stop the container, trim its filesystem (free blocks become holes in the working copy), unmount it and
+        release its network: the working copy is then an ordinary raw disk for snapshot()."""
+        layout = container.Layout(directory)
+        how = container.stop(pid, layout, powering_off=bool(instance.details.get("guest_powering_off")),
+                             timeout=timeout)  # fmt: skip
+        trimmed = container.trim(layout)
+        container.release_disk(layout)
+        container.delete_network(layout)
+        seconds = time.monotonic() - started
+        log.info("%s: container %s in %.1fs; %s", instance.instance_id, how, seconds, trimmed)
+        return StopResult(forced=how.startswith("killed"), seconds=seconds, detail=f"container {how}; {trimmed}")
 
     def _power_down(
         self, instance: Instance, pid: int, directory: Path, qmp: Path, timeout: float, started: float
@@ -396,6 +475,12 @@ class LocalCloud:
         log.info("terminated %s", instance.instance_id)
 
     def _destroy(self, directory: Path, pid: int | None) -> None:
+        if (_read_json(directory / INSTANCE_FILE) or {}).get("machine") == "container":
+            container.teardown(container.Layout(directory))
+            shutil.rmtree(directory, ignore_errors=True)
+            if directory.exists():
+                raise CloudError(f"could not remove {directory}")
+            return
         if pid is None:
             pid = _read_pid(directory)
         if pid is not None and qemu.process_alive(pid):
@@ -415,9 +500,11 @@ class LocalCloud:
         pid = self._pid(instance, directory)
         if pid is not None and qemu.process_alive(pid) and qemu.is_our_qemu(pid, str(directory)):
             raise CloudError(f"{instance.instance_id} is still running: stop it before the snapshot")
-        overlay = Path(instance.details.get("overlay") or directory / "disk.qcow2")
+        overlay = Path(instance.details.get("disk") or instance.details.get("overlay") or directory / "disk.qcow2")
         if not overlay.is_file():
             raise CloudError(f"{instance.instance_id} has no disk at {overlay}")
+        if disk.mounts_under(directory):
+            raise CloudError(f"{instance.instance_id}'s filesystem is still mounted: stop it before the snapshot")
         wanted = _formats(formats)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "image"
         image_id = f"img-{secrets.token_hex(6)}"
@@ -451,10 +538,12 @@ class LocalCloud:
             details={"dir": str(out), "virtual_size": meta["virtual_size"]},
         )
 
-    def _write_qcow2(self, overlay: Path, dest: Path) -> ImageFile:
+    def _write_qcow2(self, source: Path, dest: Path) -> ImageFile:
         partial = dest.with_name(dest.name + ".part")
+        source_format = "raw" if source.suffix == ".raw" else "qcow2"  # a container's working copy, or an overlay
         qemu.run(
-            [qemu.QEMU_IMG, "convert", "-O", "qcow2", *self.qcow2_options, str(overlay), str(partial)],
+            [qemu.QEMU_IMG, "convert", "-f", source_format, "-O", "qcow2", *self.qcow2_options, str(source),
+             str(partial)],
             what="qemu-img convert to compressed qcow2",
             timeout=3600,
         )
@@ -522,6 +611,10 @@ class LocalCloud:
                 continue
             created = _parse_time(record.get("created"))
             found.append(Resource(self.name, "instance", directory.name, instance_tags, created=created))
+            if record.get("machine") == "container":
+                found += [Resource(self.name, kind, part, instance_tags, created=created)
+                          for kind, part in _container_parts(directory)]  # fmt: skip
+                continue
             pid = record.get("pid") or _read_pid(directory)
             if pid and qemu.process_alive(pid) and qemu.is_our_qemu(pid, str(directory)):
                 found.append(Resource(self.name, "process", str(pid), instance_tags, created=created))
@@ -548,6 +641,12 @@ class LocalCloud:
             pid = int(resource.resource_id)
             if qemu.process_alive(pid) and qemu.is_our_qemu(pid, str(self.state_dir)):
                 qemu.kill_qemu(pid, str(self.state_dir))
+            elif layout := self._container_with(lambda parts: ("process", str(pid)) in parts):
+                container.kill_processes(layout)
+        elif resource.kind in ("mount", "loop", "netns"):
+            # A container's parts go together, newest first: what holds the mount goes before it.
+            if layout := self._container_with(lambda parts: (resource.kind, resource.resource_id) in parts):
+                container.teardown(layout)
         elif resource.kind == "image":
             self.delete_image(ImageRef(cloud=self.name, image_id=resource.resource_id, name=""))
         elif resource.kind in ("keypair", "security-group"):
@@ -556,6 +655,13 @@ class LocalCloud:
             raise CloudError(f"the local cloud has no {resource.kind!r} resources to release")
 
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def _container_with(self, holds: Any) -> container.Layout | None:
+        """The container (instance directory) whose parts `holds` accepts; None when no container has it."""
+        for directory in sorted(self.state_dir.glob("i-*")):
+            if INSTANCE_ID.match(directory.name) and holds(_container_parts(directory)):
+                return container.Layout(directory)
+        return None
 
     def _instance_dir(self, instance: Instance) -> Path:
         if not INSTANCE_ID.match(instance.instance_id):
@@ -578,6 +684,17 @@ class LocalCloud:
             return None
         record = _read_json(self.state_dir / instance_id / INSTANCE_FILE)
         return _instance_from_record(record) if record and "pid" in record else None
+
+
+def _container_parts(directory: Path) -> list[tuple[str, str]]:
+    """(kind, id) of what a container instance holds right now: processes, mounts, loop devices, network."""
+    layout = container.Layout(directory)
+    parts = [("process", str(pid)) for pid in container.processes(layout)]
+    parts += [("mount", point) for point in disk.mounts_under(directory)]
+    parts += [("loop", device) for device in disk.loops_of(layout.disk)]
+    if layout.netns_path.exists():
+        parts.append(("netns", layout.netns))
+    return parts
 
 
 def _base_kind(spec: Any) -> str:
@@ -630,11 +747,9 @@ def _instance_from_record(record: dict[str, Any]) -> Instance:
         details={
             "pid": record["pid"],
             "dir": record["dir"],
-            "ports": {int(guest): int(host) for guest, host in record["ports"].items()},
+            "ports": {int(guest): int(host) for guest, host in record.get("ports", {}).items()},
             "console": record["console"],
-            "qmp": record["qmp"],
-            "overlay": record["overlay"],
-            "accel": record["accel"],
+            **{key: record[key] for key in ("qmp", "overlay", "accel", "machine", "disk", "root") if key in record},
         },
     )
 

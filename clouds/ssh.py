@@ -20,7 +20,6 @@ import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import fabric
@@ -28,10 +27,21 @@ import invoke
 import paramiko
 
 from clouds.base import BootTimeout, CloudError, HostKeyMismatch, KeyPair
+from clouds.session import (  # noqa: F401 - CommandFailed, RunResult, GuestFacts: part of this module's API
+    TAIL_LINES,
+    CommandFailed,
+    CommandTimeout,
+    GuestFacts,
+    LineSink,
+    RunResult,
+    ShellSession,
+    env_assignments,
+    install_command,
+    label_of,
+)
 
 log = logging.getLogger(__name__)
 
-TAIL_LINES = 20
 CONSOLE_TAIL_LINES = 30
 # When the console has no host key fingerprints yet although SSH answers, wait_for_ssh keeps waiting:
 # cloud-init prints them near the end of its final stage, which under TCG on a busy host comes a minute
@@ -46,44 +56,6 @@ FINISHED_GRACE = 20.0
 CONSOLE_POLL_SECONDS = 2.0
 LOGIN_RETRY_SECONDS = 2.0
 _CLOUD_INIT_FINISHED = re.compile(r"Cloud-init v\. \S+ finished at")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MODE = re.compile(r"^[0-7]{3,4}$")
-_OWNER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-class CommandFailed(CloudError):
-    """A guest command exited non-zero; carries its label, exit code and the last lines of its output."""
-
-    def __init__(self, command_label: str, exit_code: int, tail: str) -> None:
-        self.command_label = command_label
-        self.exit_code = exit_code
-        self.tail = tail
-        super().__init__(f"{command_label} exited with {exit_code}; last lines:\n{tail}")
-
-
-class CommandTimeout(CloudError):
-    """A guest command ran longer than its timeout and was killed."""
-
-    def __init__(self, command_label: str, timeout: float, tail: str) -> None:
-        self.command_label = command_label
-        self.timeout = timeout
-        self.tail = tail
-        super().__init__(f"{command_label} did not finish within {timeout:.0f}s and was killed; last lines:\n{tail}")
-
-
-@dataclass(frozen=True)
-class RunResult:
-    exit_code: int
-    stdout: str
-    stderr: str
-    duration: float
-
-
-@dataclass(frozen=True)
-class GuestFacts:
-    os_id: str  # ID from /etc/os-release: debian, ubuntu, rocky, alpine, …
-    os_version: str  # VERSION_ID: 12, 22.04, 9.3, …
-    package_manager: str  # apt | dnf | yum | zypper | apk | "" when none is found
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -117,39 +89,7 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
             )
 
 
-class _LineSink:
-    """A file-like target for invoke's output: whole lines go to the log callback and into the tail."""
-
-    def __init__(self, log_line: Callable[[str], None] | None, tail: deque[str]) -> None:
-        self.log_line = log_line
-        self.tail = tail
-        self.partial = ""
-
-    def write(self, data: str) -> None:
-        self.partial += data
-        *lines, self.partial = self.partial.split("\n")
-        for line in lines:
-            self._emit(line)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if self.partial:
-            self._emit(self.partial)
-            self.partial = ""
-
-    def _emit(self, line: str) -> None:
-        line = line.rstrip("\r")
-        self.tail.append(line)
-        if self.log_line is not None:
-            try:
-                self.log_line(line)
-            except Exception:  # a broken log callback must not kill the command's output thread
-                log.exception("log callback failed")
-
-
-class GuestSession:
+class GuestSession(ShellSession):
     """An authenticated SSH session to a guest. Use as a context manager or call close()."""
 
     def __init__(self, connection: fabric.Connection, host_key_fingerprint: str) -> None:
@@ -185,9 +125,9 @@ class GuestSession:
         local watchdog a little later covers a guest that stopped answering; either raises CommandTimeout.
         With check, a non-zero exit raises CommandFailed with the last 20 lines of output.
         """
-        label = label or _label(command)
+        label = label or label_of(command)
         tail: deque[str] = deque(maxlen=TAIL_LINES)
-        out, err = _LineSink(log, tail), _LineSink(log, tail)
+        out, err = LineSink(log, tail), LineSink(log, tail)
         wrapped = self._wrap(command, sudo=sudo, env=env, timeout=timeout)
         started = time.monotonic()
         try:
@@ -215,11 +155,7 @@ class GuestSession:
         return RunResult(result.exited, result.stdout, result.stderr, duration)
 
     def _wrap(self, command: str, *, sudo: bool, env: dict[str, str] | None, timeout: float) -> str:
-        assignments = []
-        for name, value in (env or {}).items():
-            if not _ENV_NAME.match(name):
-                raise CloudError(f"environment variable name {name!r} is not valid")
-            assignments.append(f"{name}={shlex.quote(str(value))}")
+        assignments = env_assignments(env)
         as_root = "sudo -n -H -- " if sudo and self.user != "root" else ""
         env_prefix = f"env {' '.join(assignments)} " if assignments else ""
         return f"{as_root}{env_prefix}timeout -k 10 {math.ceil(timeout)} sh -c {shlex.quote(command)}"
@@ -234,13 +170,8 @@ class GuestSession:
     ) -> None:
         """Upload a file (or bytes) to remote_path with mode and owner: to a private temp file as the user,
         then `sudo install` into place (parent directories are created)."""
-        if not _MODE.match(mode):
-            raise CloudError(f"mode {mode!r} is not an octal file mode like 0644")
-        user, _, group = owner.partition(":")
-        group = group or user
-        if not (_OWNER.match(user) and _OWNER.match(group)):
-            raise CloudError(f"owner {owner!r} is not user[:group]")
         temp = f"/tmp/kiln-put-{secrets.token_hex(8)}"
+        install = install_command(temp, remote_path, mode=mode, owner=owner)
         sftp = self.connection.sftp()
         try:
             with sftp.open(temp, "wb") as remote:
@@ -253,52 +184,13 @@ class GuestSession:
                         for chunk in iter(lambda: local.read(1024 * 1024), b""):
                             remote.write(chunk)
             self.run(
-                f"install -D -m {mode} -o {shlex.quote(user)} -g {shlex.quote(group)} "
-                f"{shlex.quote(temp)} {shlex.quote(remote_path)}",
+                install,
                 timeout=120,
                 label=f"install {remote_path}",
             )
         finally:
             with contextlib.suppress(OSError):
                 sftp.remove(temp)
-
-    def facts(self) -> GuestFacts:
-        """OS id and version from /etc/os-release, and the package manager found on the PATH."""
-        result = self.run(
-            "cat /etc/os-release; for pm in apt-get dnf yum zypper apk; do "
-            'if command -v "$pm" >/dev/null 2>&1; then echo "KILN_PM=$pm"; break; fi; done',
-            sudo=False,
-            timeout=60,
-            label="read /etc/os-release",
-        )
-        fields: dict[str, str] = {}
-        for line in result.stdout.splitlines():
-            name, sep, value = line.partition("=")
-            if sep:
-                fields[name.strip()] = value.strip().strip("\"'")
-        manager = fields.get("KILN_PM", "")
-        return GuestFacts(
-            os_id=fields.get("ID", ""),
-            os_version=fields.get("VERSION_ID", ""),
-            package_manager="apt" if manager == "apt-get" else manager,
-        )
-
-    def package_manifest(self) -> list[tuple[str, str, str]]:
-        """Installed packages as (name, version, arch), sorted, from dpkg-query or rpm."""
-        script = (
-            "if command -v dpkg-query >/dev/null 2>&1; then "
-            "dpkg-query -W -f='${db:Status-Abbrev}\\t${Package}\\t${Version}\\t${Architecture}\\n'; "
-            "elif command -v rpm >/dev/null 2>&1; then "
-            "rpm -qa --qf 'ii \\t%{NAME}\\t%|EPOCH?{%{EPOCH}:}|%{VERSION}-%{RELEASE}\\t%{ARCH}\\n'; "
-            "else echo 'neither dpkg-query nor rpm is installed' >&2; exit 3; fi"
-        )
-        result = self.run(script, sudo=False, timeout=300, label="list installed packages")
-        packages = set()
-        for line in result.stdout.splitlines():
-            parts = line.split("\t")
-            if len(parts) == 4 and parts[0].startswith("ii"):
-                packages.add((parts[1], parts[2], parts[3]))
-        return sorted(packages)
 
     def wait_cloud_init(self, timeout: float) -> str:
         """Block until cloud-init is done (if the guest has it); its errors fail, recoverable ones warn.
@@ -582,10 +474,3 @@ def probe_http(url: str, timeout: float) -> tuple[int, str]:
         if time.monotonic() >= deadline:
             raise TimeoutError(f"GET {url}: no HTTP answer within {timeout:.0f}s ({last_error})")
         time.sleep(1)
-
-
-def _label(command: str) -> str:
-    """A command as an error message names it: its first line, shortened."""
-    lines = command.strip().splitlines() or ["(empty command)"]
-    first = lines[0]
-    return first if len(first) <= 80 and len(lines) == 1 else first[:77] + "..."

@@ -84,7 +84,8 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
         region=getattr(spec, "region", "") or "",
         trigger=trigger,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
-        parameters={"recipe": str(recipe_path), "target": target, "on_error": on_error, **worker_run()},
+        parameters={"recipe": str(recipe_path), "target": target, "on_error": on_error, "build_in": spec.build_in,
+                    **worker_run()},
     )
     return BuildPlan(
         build_id=build_id,

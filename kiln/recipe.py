@@ -544,6 +544,7 @@ class _TargetBase(_Model):
     base: BaseSpec
     ssh_user: str = Field(default="debian", pattern=UNIX_USER, description="Login user of the base image.")
     disk_size_gb: int | None = Field(default=None, gt=0, le=16384)
+    build_in: Literal["vm"] = Field(default="vm", description="Cloud targets build in an instance reached over SSH.")
 
     _allowed_bases: typing.ClassVar[tuple[str, ...]] = BASE_SOURCES
 
@@ -590,12 +591,19 @@ def _ec2_cidr(value: str | None, info: ValidationInfo) -> str | None:
 
 
 class LocalTarget(_TargetBase):
-    """A QEMU virtual machine on this host."""
+    """This host: a container (or a QEMU guest) to build in, a QEMU guest to verify in."""
 
     cloud: Literal["local"] = "local"
     memory_mb: int = Field(default=2048, ge=256, le=MAX_MEMORY_MB)
     cpus: int = Field(default=2, ge=1, le=64)
     accel: Literal["auto", "kvm", "tcg"] = "auto"
+    build_in: Literal["container", "vm"] = Field(  # type: ignore[assignment] - widens the base's choice
+        default="container",
+        description="container: customize and sanitize run in a systemd-nspawn container on the base's own "
+        "filesystem, at native speed (scripts run as root on this host's kernel); vm: in a QEMU guest, which also "
+        "isolates a recipe you do not trust and allows kernel work (modules, sysctls, mounts). verify always boots "
+        "the image in QEMU.",
+    )
     qcow2_compression: Literal["zstd", "zlib"] = Field(
         default="zstd",
         description="zstd: faster and smaller, read by QEMU 5.1 or newer; zlib: for hypervisors with an older "

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import os
-import shutil
 import stat
-import subprocess
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from clouds.disk import DiskError, linux_partition, mounted_read_only  # noqa: F401 - re-exported
 
 # Paths (relative to the filesystem root, fnmatch patterns where * also crosses /) that differ between two
 # builds of the same commit for reasons unrelated to the recipe:
@@ -66,10 +63,6 @@ EXCLUDED: tuple[tuple[str, str], ...] = (
 )
 EXCLUDED_PATTERNS = tuple(pattern for pattern, _why in EXCLUDED)
 DIFF_LIST_CAP = 500  # paths kept per kind of difference in the record (counts are always complete)
-
-
-class DiskError(RuntimeError):
-    """A disk could not be opened for comparison (unreadable, no Linux filesystem, mount refused)."""
 
 
 def excluded(path: str, patterns: Iterable[str] = EXCLUDED_PATTERNS) -> bool:
@@ -203,61 +196,3 @@ def _sha256_file(path: str) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-# -------------------------------------------------------------------------------------- mounting a disk
-
-
-@contextmanager
-def mounted_read_only(disk: Path) -> Iterator[Path]:
-    """The disk's Linux filesystem mounted read-only on a temporary directory; everything undone on exit."""
-    disk = Path(disk)
-    if not disk.is_file():
-        raise DiskError(f"disk {disk} does not exist")
-    with ExitStack() as undo:
-        work = Path(tempfile.mkdtemp(prefix="kiln-audit-"))
-        undo.callback(shutil.rmtree, work, True)
-        raw = _as_raw(disk, work / "disk.raw")
-        offset, size = linux_partition(raw)
-        loop = _run(["losetup", "--find", "--show", "--read-only", "--offset", str(offset),
-                     *(["--sizelimit", str(size)] if size else []), str(raw)]).strip()
-        undo.callback(_run, ["losetup", "--detach", loop], check=False)
-        mountpoint = work / "root"
-        mountpoint.mkdir()
-        fstype = _run(["blkid", "-o", "value", "-s", "TYPE", loop], check=False).strip()
-        options = "ro,noload" if fstype in ("ext3", "ext4") else "ro"
-        _run(["mount", "-o", options, loop, str(mountpoint)])
-        undo.callback(_run, ["umount", str(mountpoint)], check=False)
-        yield mountpoint
-
-
-def _as_raw(disk: Path, raw: Path) -> Path:
-    """The disk itself when it is raw already, else a sparse raw conversion in the work directory."""
-    info = json.loads(_run(["qemu-img", "info", "--output=json", str(disk)]))
-    if info.get("format") == "raw":
-        return disk
-    _run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], timeout=1800)
-    return raw
-
-
-def linux_partition(raw: Path) -> tuple[int, int | None]:
-    """(byte offset, byte size) of the disk's Linux filesystem: the largest Linux partition of a dos or GPT
-    label, or (0, None) for a bare filesystem without a partition table."""
-    listing = subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True)
-    if listing.returncode != 0:
-        return 0, None
-    table = json.loads(listing.stdout).get("partitiontable", {})
-    sector = int(table.get("sectorsize", 512))
-    linux_types = {"83", "8300", "0fc63daf-8483-4772-8e79-3d69d8477de4"}
-    partitions = [p for p in table.get("partitions", []) if str(p.get("type", "")).lower() in linux_types]
-    if not partitions:
-        raise DiskError(f"disk {raw} has a partition table but no Linux partition")
-    largest = max(partitions, key=lambda p: int(p["size"]))
-    return int(largest["start"]) * sector, int(largest["size"]) * sector
-
-
-def _run(argv: list[str], *, check: bool = True, timeout: float = 300) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise DiskError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
-    return result.stdout

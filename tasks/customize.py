@@ -1,10 +1,11 @@
-"""Stage 4: packages, files and scripts, in recipe order, as root over SSH, output streamed to the step log."""
+"""Stage 4: packages, files and scripts, in recipe order, as root on the build machine (over SSH, or in the local
+cloud's build container), output streamed to the step log."""
 
 from __future__ import annotations
 
 import shlex
 
-from clouds.ssh import CommandFailed, GuestSession
+from clouds.session import CommandFailed, Session
 from tasks.common import BuildPlan, StepLog, stage
 from tasks.launch import Guest
 
@@ -22,7 +23,7 @@ class CustomizeError(RuntimeError):
     """A package install, file copy or script failed; the message names which, the exit code and the last lines."""
 
 
-def install_packages(session: GuestSession, packages: list[str], step_log: StepLog, timeout: float) -> None:
+def install_packages(session: Session, packages: list[str], step_log: StepLog, timeout: float) -> None:
     manager = session.facts().package_manager
     if manager not in INSTALL_COMMANDS:
         raise CustomizeError(f"packages: the guest has no package manager kiln knows ({manager or 'none found'})")
@@ -31,7 +32,7 @@ def install_packages(session: GuestSession, packages: list[str], step_log: StepL
     _run(session, command, f"packages ({manager})", step_log, timeout)
 
 
-def copy_files(plan: BuildPlan, session: GuestSession, step_log: StepLog) -> None:
+def copy_files(plan: BuildPlan, session: Session, step_log: StepLog) -> None:
     for spec in plan.recipe.files:
         parent = spec.dest.rsplit("/", 1)[0] or "/"
         session.run(f"mkdir -p {shlex.quote(parent)}", timeout=60)
@@ -39,7 +40,7 @@ def copy_files(plan: BuildPlan, session: GuestSession, step_log: StepLog) -> Non
         step_log(f"file {spec.src} -> {spec.dest} ({spec.mode} {spec.owner})")
 
 
-def run_scripts(plan: BuildPlan, session: GuestSession, step_log: StepLog, timeout: float) -> None:
+def run_scripts(plan: BuildPlan, session: Session, step_log: StepLog, timeout: float) -> None:
     for index, script in enumerate(plan.recipe.scripts):
         body = (plan.recipe.base_dir / script.path).read_bytes() if script.path else script.inline.encode()
         remote = f"/tmp/kiln-script-{index}"
@@ -63,12 +64,13 @@ def _exec_line(remote: str) -> str:
     return f'if head -c2 {remote} | grep -q "#!"; then exec {remote}; else exec /bin/sh -e {remote}; fi'
 
 
-def _run(session: GuestSession, command: str, label: str, step_log: StepLog, timeout: float) -> None:
+def _run(session: Session, command: str, label: str, step_log: StepLog, timeout: float) -> None:
     try:
         session.run(command, timeout=timeout, log=step_log)
     except CommandFailed as exc:
         tail = "\n".join(exc.tail[-10:]) if isinstance(exc.tail, list) else str(exc.tail)
-        raise CustomizeError(f"{label} failed with exit code {exc.exit_code}; last lines:\n{tail}") from None
+        hint = f"\n{exc.hint}" if exc.hint else ""
+        raise CustomizeError(f"{label} failed with exit code {exc.exit_code}; last lines:\n{tail}{hint}") from None
 
 
 @stage("customize")

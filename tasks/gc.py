@@ -20,7 +20,8 @@ from tasks.common import describe
 
 # Instances hold key pairs, groups and addresses; images hold snapshots: release in this order.
 RELEASE_ORDER = (
-    "instance", "image", "snapshot", "volume", "keypair", "security-group", "floating-ip", "process", "file",
+    "instance", "image", "snapshot", "volume", "keypair", "security-group", "floating-ip", "process", "mount", "loop",
+    "netns", "file",
 )  # fmt: skip
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")

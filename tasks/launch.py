@@ -1,4 +1,5 @@
-"""Stage 2: a fresh ed25519 key, the cloud's firewall opening, cloud-init user-data, and the tagged instance."""
+"""Stage 2: a fresh ed25519 key, the cloud's firewall opening, cloud-init user-data, and the tagged instance
+(on the local cloud with build_in container, a container on a working copy of the base)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from clouds.base import TAG_ROLE, BaseImage, Instance, KeyPair
-from clouds.ssh import GuestSession
+from clouds.base import TAG_ROLE, BaseImage, Instance, KeyPair, OpensSessions
+from clouds.session import Session
 from kiln import settings
 from provenance import store
 from tasks.common import BuildPlan, StepLog, ledgered, release_open, stage
@@ -20,7 +21,7 @@ class Guest:
     instance: Instance
     key: KeyPair = field(repr=False)
     role: str
-    session: GuestSession | None = field(default=None, repr=False)
+    session: Session | None = field(default=None, repr=False)
     facts: dict[str, str] = field(default_factory=dict)  # read before sanitize: what the image must not keep
 
 
@@ -94,6 +95,9 @@ def keep_for_debugging(plan: BuildPlan) -> list[str]:
     notes = []
     for guest in plan.guests:
         if guest.instance.instance_id not in kept:
+            continue
+        if isinstance(plan.cloud, OpensSessions) and (hint := plan.cloud.access_hint(guest.instance)):
+            notes.append(hint)
             continue
         key_file = settings.data_dir() / "debug" / plan.build_id / f"{guest.role}_ed25519"
         key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

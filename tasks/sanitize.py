@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from clouds.ssh import CommandFailed, GuestSession
+from clouds.session import CommandFailed, Session
 from kiln.recipe import SANITIZE_OPERATIONS
 from tasks.common import BuildPlan, StepLog, stage
 from tasks.launch import Guest
@@ -217,7 +217,7 @@ def parse_output(stdout: str) -> SanitizeOutput:
     return out
 
 
-def run_operations(session: GuestSession, ops: list[Operation], ssh_user: str, step_log: StepLog) -> SanitizeOutput:
+def run_operations(session: Session, ops: list[Operation], ssh_user: str, step_log: StepLog) -> SanitizeOutput:
     """Run every operation as root in one SSH command; logs per operation what it reported removing."""
     result = session.run(sanitize_script(ops, ssh_user), timeout=1800, check=False, label="sanitize")
     out = parse_output(result.stdout)

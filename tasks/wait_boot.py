@@ -6,15 +6,24 @@ import time
 from collections.abc import Callable
 
 from clouds import ssh
-from clouds.base import CloudError, Instance
+from clouds.base import CloudError, Instance, OpensSessions
 from provenance import store
 from tasks.common import BuildPlan, StepLog, stage
 from tasks.launch import Guest
 
 
 def connect_when_booted(plan: BuildPlan, guest: Guest, step_log: StepLog) -> None:
-    """Open guest.session once the guest answers; the host key must match what its console announced."""
+    """Open guest.session once the guest answers; the host key must match what its console announced.
+    A machine the cloud reaches without SSH (a container) gives its session once its systemd is up."""
     cloud, instance = plan.cloud, guest.instance
+    if isinstance(cloud, OpensSessions):
+        started = time.monotonic()
+        session = cloud.open_session(instance, plan.recipe.timeouts.boot, step_log)
+        if session is not None:
+            guest.session = session
+            step_log(f"{instance.instance_id} is up (its systemd reports the system running) after "
+                     f"{time.monotonic() - started:.1f}s")  # fmt: skip
+            return
     host, port = cloud.endpoint(instance, 22)
     console = held_console(plan, instance)
     step_log(f"waiting for SSH on {host}:{port} as {instance.ssh_user} (timeout {plan.recipe.timeouts.boot}s)")

@@ -118,8 +118,9 @@ def _print_build(detail: lineage.BuildDetail, *, logs: bool) -> None:
     console.print(f"  recipe   {safe(r.name)}@{safe(r.version)}  fingerprint {safe(r.fingerprint[:16])}")
     console.print(f"  source   {safe(r.repo or '(not in git)')}  {safe(r.path)}"
                   f"  commit {_commit(r.commit, r.dirty)}" + (f" on {safe(r.branch)}" if r.branch else ""))
-    console.print(f"  target   {safe(b.target)} on {_where(b.cloud, b.region)}  trigger {safe(b.trigger)}"
-                  + (f"  flow run {safe(b.flow_run_id)}" if b.flow_run_id else ""))
+    build_in = json.loads(b.parameters_json or "{}").get("build_in", "vm")
+    console.print(f"  target   {safe(b.target)} on {_where(b.cloud, b.region)}  build_in {safe(build_in)}"
+                  f"  trigger {safe(b.trigger)}" + (f"  flow run {safe(b.flow_run_id)}" if b.flow_run_id else ""))
     console.print(f"  ran      {_when(b.started)} for {_took(b.started, b.finished)} on {safe(b.host)} "
                   f"(pid {b.pid}), kiln {safe(b.kiln_version)}")
     if b.error:

@@ -2,7 +2,9 @@
 is left and the build shows interrupted at that stage. SIGINT: the build cleans up in-process, gc finds nothing.
 
 The kill is a test plugin on the subprocess's PYTHONPATH (tests/faults/plugin/sitecustomize.py), not a branch in
-kiln. Local runs boot real QEMU guests (marked vm); moto and OpenStack runs are in test_cloud_faults.py.
+kiln. Local builds run in their default container (working copy, loop device, mount, nspawn, network namespace) at
+every stage before verify, and in a QEMU guest (build_in: vm) at launch and wait_boot; moto and OpenStack runs are
+in test_cloud_faults.py.
 conftest.py prints the table stage × backend → resources left after gc.
 """
 
@@ -22,6 +24,7 @@ from kiln import settings
 from provenance import lineage, store
 from tests.conftest import REPO
 from tests.flows.conftest import KILN, hello_recipe, prefect_api  # noqa: F401 - fixture
+from tests.flows.test_build_local import container_traces
 from tests.secret_scan import key_needles, scan_database, scan_files, scan_image
 
 PLUGIN = Path(__file__).resolve().parent / "plugin"
@@ -95,22 +98,32 @@ def assert_reaped(build_id: str, stage: str, left: list[str]) -> None:
 # --------------------------------------------------------------------------------------------- local (VMs)
 
 
+LOCAL_FAULTS = [*((stage, "container") for stage in ("fetch_base", "launch", "wait_boot", "customize", "snapshot")),
+                *((stage, "vm") for stage in ("launch", "wait_boot"))]  # a vm kill later costs a boot: one each
+
+
 @pytest.mark.vm
-@pytest.mark.parametrize("stage", ["fetch_base", "launch", "wait_boot", "customize", "snapshot"])
-def test_sigkill_on_the_local_cloud_then_gc_leaves_nothing_and_the_build_interrupted(stage, tmp_path, prefect_api):  # noqa: F811
-    recipe = hello_recipe(tmp_path)
+@pytest.mark.parametrize(("stage", "build_in"), LOCAL_FAULTS, ids=[f"{s}-{m}" for s, m in LOCAL_FAULTS])
+def test_sigkill_on_the_local_cloud_then_gc_leaves_nothing_and_the_build_interrupted(
+    stage, build_in, tmp_path, prefect_api  # noqa: F811
+):
+    recipe = hello_recipe(tmp_path, build_in=build_in)
     started = time.monotonic()
     key_dump = tmp_path / "build-key" if stage == "snapshot" else None
     scan = (lambda build_id: secrets_left_by(build_id, key_dump)) if key_dump else None
 
     build_id, left, gc_output = kill_and_collect(recipe, "local", stage, local_left, scan, key_dump)
 
-    RESULTS[(stage, "local")] = str(len(left))
+    RESULTS[(stage, f"local {build_in}")] = str(len(left))
     assert_reaped(build_id, stage, left)
     if stage != "fetch_base":
         assert any(r.startswith("instance ") for r in KILLED[build_id]), "the kill left an instance to reap"
+    if build_in == "container" and stage in ("launch", "wait_boot", "customize"):
+        held = {r.split()[0] for r in KILLED[build_id]}
+        assert {"process", "mount", "loop", "netns"} <= held, f"the kill left a running container: {held}"
     instances = [r.split()[1] for r in KILLED[build_id] if r.startswith("instance ")]
     assert not [line for line in qemu_lines() for i in instances if i in line], "no qemu of the build survives gc"
+    assert container_traces() == [], "no loop device, mount or network namespace of kiln survives gc"
     if stage not in ("fetch_base",):
         assert "released" in gc_output
     if stage == "snapshot":
@@ -131,7 +144,8 @@ def test_sigint_on_the_local_cloud_cleans_up_in_process_and_gc_finds_nothing(tmp
     assert lineage.get_build(build_id).build.status == "cancelled"
     assert still_open == [] and left == []
     assert build_id[:8] not in gc_output
-    RESULTS[("SIGINT at launch", "local")] = "0"
+    assert container_traces() == []
+    RESULTS[("SIGINT at launch", "local container")] = "0"
 
 
 def secrets_left_by(build_id: str, key_dump: Path) -> None:

@@ -61,10 +61,67 @@ def committed_recipe(tmp_path: Path, recipe_text: str, files: dict[str, str] | N
     return repo / "recipe.yaml"
 
 
-def hello_recipe(tmp_path: Path) -> Path:
-    """recipes/hello.yaml with its script, committed in a repo of its own."""
+def hello_recipe(tmp_path: Path, build_in: str | None = None) -> Path:
+    """recipes/hello.yaml with its script, committed in a repo of its own (build_in: the local target's, if given)."""
     files = {"scripts/hello.sh": (REPO / "recipes/scripts/hello.sh").read_text()}
-    return committed_recipe(tmp_path, (REPO / "recipes/hello.yaml").read_text(), files)
+    return committed_recipe(tmp_path, with_build_in((REPO / "recipes/hello.yaml").read_text(), build_in), files)
+
+
+def with_build_in(recipe_text: str, build_in: str | None) -> str:
+    """The recipe with `build_in` set on its local target (the line after `local:`)."""
+    if build_in is None:
+        return recipe_text
+    return recipe_text.replace("  local:\n", f"  local:\n    build_in: {build_in}\n", 1)
+
+
+# hello's script, plus a service from Debian's mirror that a script starts and talks to during customize: what a
+# build must do in a container as on a VM (the image's own systemd runs the service; apt reaches the mirror).
+SERVICE_RECIPE = """\
+name: hello-web
+version: 1.0.0
+description: hello's mark and lighttpd serving a page, proved over HTTP
+targets:
+  local:
+    base: {bootstrap: debian-bookworm}
+    ssh_user: debian
+    memory_mb: 1024
+packages: [lighttpd]
+files:
+  - {src: files/index.html, dest: /var/www/html/index.html, mode: "0644"}
+scripts:
+  - scripts/hello.sh
+  - scripts/talk.sh
+sanitize:
+  disable: [zero-free-space]
+verify:
+  - command: {run: cat /etc/kiln-hello, expect: hello from kiln}
+  - http: {port: 80, path: /index.html, expect: served by kiln}
+  - command: {run: systemctl is-active lighttpd, expect: active}
+"""
+TALK_SCRIPT = """\
+#!/bin/sh
+# The service the packages step installed runs under the image's systemd: restart it and ask it for the page.
+set -eu
+systemctl restart lighttpd
+for i in $(seq 50); do
+  if python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1/index.html').read().decode())" \
+      > /tmp/answer 2>/dev/null; then
+    echo "lighttpd answered during customize: $(cat /tmp/answer)"; rm -f /tmp/answer; exit 0
+  fi
+  sleep 0.2
+done
+echo "lighttpd did not answer" >&2; exit 1
+"""
+
+
+def service_recipe(tmp_path: Path, build_in: str | None = None) -> Path:
+    """SERVICE_RECIPE with its files, committed in a repo of its own."""
+    files = {
+        "scripts/hello.sh": (REPO / "recipes/scripts/hello.sh").read_text(),
+        "scripts/talk.sh": TALK_SCRIPT,
+        "files/index.html": "<p>served by kiln</p>\n",
+    }
+    return committed_recipe(tmp_path, with_build_in(SERVICE_RECIPE, build_in), files)
 
 
 def run_kiln(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
@@ -77,7 +134,8 @@ def copy_tree(src: Path, dest: Path) -> None:
 
 @dataclass
 class HelloBuild:
-    """recipes/hello.yaml built for real on the local cloud, once per session."""
+    """SERVICE_RECIPE (hello's mark and a lighttpd page) built for real on the local cloud, in its default build
+    container, once per session."""
 
     recipe: Path
     commit: str
@@ -91,10 +149,10 @@ class HelloBuild:
 
 @pytest.fixture(scope="session")
 def hello_build(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> HelloBuild:
-    """One real local build of recipes/hello.yaml by `kiln build` (a TCG VM, ~5 min) for every test that needs a
-    real local image: the build-DAG test, the audit, the lineage chain. A test that builds on it says so in
-    `children`, so the others know which children to expect."""
-    recipe = hello_recipe(tmp_path_factory.mktemp("hello"))
+    """One real local build of SERVICE_RECIPE by `kiln build` (a container build, then the verify boot: a TCG VM,
+    1-3 min) for every test that needs a real local image: the build-DAG test, the audit, the lineage chain. A test
+    that builds on it says so in `children`, so the others know which children to expect."""
+    recipe = service_recipe(tmp_path_factory.mktemp("hello"))
     commit = git(recipe.parent, "rev-parse", "HEAD")
     result = run_kiln("build", str(recipe), "--target", "local", "--json")
     assert result.returncode == 0, result.stdout + result.stderr

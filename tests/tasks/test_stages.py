@@ -260,3 +260,18 @@ def test_the_boot_wait_reads_the_console_often_but_the_ledger_at_most_every_few_
     clock[0] += wait_boot.LEDGER_CHECK_SECONDS
     with pytest.raises(CloudError, match="released while waiting"):
         console()
+
+
+def test_a_failing_script_names_itself_its_exit_code_its_last_lines_and_the_machines_hint():
+    from tasks.customize import CustomizeError, _run
+
+    class ContainerLike:
+        def run(self, command, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            raise CommandFailed("sh", 1, "loading\nmodprobe: FATAL: Module br_netfilter not found",
+                                hint="hint: ... build this target with `build_in: vm`")
+
+    with pytest.raises(CustomizeError) as failed:
+        _run(ContainerLike(), "sh /tmp/kiln-script-0", "script scripts/net.sh", lambda line: None, 60)
+    message = str(failed.value)
+    assert message.startswith("script scripts/net.sh failed with exit code 1; last lines:")
+    assert "modprobe: FATAL" in message and message.endswith("build this target with `build_in: vm`")
