@@ -4,11 +4,12 @@ Credentials come from boto3's standard chain (the target's `profile`, the enviro
 kiln never reads, stores or logs them. `endpoint_url` points every client at an EC2/S3-compatible endpoint.
 
 Who may reach the build instance (its security group's source CIDR), in order:
-  1. the target's `ssh_cidr`;
+  1. the target's `ssh_cidr`: a CIDR (IPv4 goes in IpRanges, IPv6 in Ipv6Ranges), or `auto`: this machine's
+     public address as the lookup URL answers it (checkip.amazonaws.com by default), as /32 or /128, the way
+     Packer's temporary_security_group_source_public_ip does;
   2. with `ssh_interface: private`, the CIDR of the instance's VPC (the builder runs inside it);
-  3. otherwise 0.0.0.0/0, with a warning in the log: the builder's public address cannot be discovered
-     reliably from here. The guest accepts only the ephemeral build key (passwords are off) and lives minutes,
-     but set `ssh_cidr` to narrow it.
+  3. nothing else: a public build without ssh_cidr is refused (the recipe's validation refuses it first), never
+     opened to the world.
 
 Everything kiln creates carries the kiln:* tags at creation (TagSpecifications), so `kiln gc` finds it by tag
 even when the ledger row was never completed. Two tags are applied right after creation instead, because the
@@ -21,11 +22,13 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import ipaddress
 import logging
 import math
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -45,10 +48,12 @@ from clouds.base import (
     Resource,
     StopResult,
 )
+from kiln import settings
 
 log = logging.getLogger(__name__)
 
-OPEN_TO_ALL = "0.0.0.0/0"
+SSH_CIDR_AUTO = "auto"
+PUBLIC_IP_TIMEOUT_SECONDS = 10
 TAG_STATUS = "kiln:status"
 TAG_REVOKED_REASON = "kiln:revoked-reason"
 MAX_TAG_VALUE = 256  # EC2's limit on a tag value's length
@@ -98,6 +103,25 @@ def decode_console(output: str | bytes | None) -> str:
     return text if text and printable / len(text) > 0.9 else raw.decode(errors="replace")
 
 
+def public_address(
+    url: str, timeout: float = PUBLIC_IP_TIMEOUT_SECONDS
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """This machine's public address as `url` answers it (plain text, like https://checkip.amazonaws.com): what
+    Packer's temporary_security_group_source_public_ip does. The unspecified address is refused."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            answer = response.read(200).decode("ascii", errors="replace").strip()
+    except (OSError, ValueError) as exc:
+        raise CloudError(f"ssh_cidr auto: cannot look up this machine's public address at {url}: {exc}") from exc
+    try:
+        address = ipaddress.ip_address(answer)
+    except ValueError:
+        raise CloudError(f"ssh_cidr auto: {url} answered {answer[:60]!r}, not an IP address") from None
+    if address.is_unspecified:
+        raise CloudError(f"ssh_cidr auto: {url} answered {address}, the unspecified address")
+    return address
+
+
 def parse_time(value: Any) -> dt.datetime | None:
     if isinstance(value, dt.datetime):
         return value
@@ -125,6 +149,7 @@ class EC2Cloud:
         vpc_id: str | None = None,
         ssh_interface: str = "public",
         ssh_cidr: str | None = None,
+        public_ip_url: str | None = None,
         regions: Iterable[str] = (),
         share_with: Iterable[str] = (),
         disk_size_gb: int | None = None,
@@ -143,6 +168,8 @@ class EC2Cloud:
         self.vpc_id = vpc_id
         self.ssh_interface = ssh_interface
         self.ssh_cidr = ssh_cidr
+        self.public_ip_url = public_ip_url
+        self._auto_cidr: str | None = None
         self.regions = [r for r in dict.fromkeys(regions) if r != region]
         self.share_with = list(dict.fromkeys(share_with))
         self.disk_size_gb = disk_size_gb
@@ -167,6 +194,7 @@ class EC2Cloud:
             vpc_id=target.vpc_id,
             ssh_interface=target.ssh_interface,
             ssh_cidr=target.ssh_cidr,
+            public_ip_url=target.public_ip_url,
             regions=target.regions,
             share_with=target.share_with,
             disk_size_gb=target.disk_size_gb,
@@ -289,14 +317,12 @@ class EC2Cloud:
             VpcId=vpc["VpcId"],
             TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list({**tags, "Name": name})}],
         )["GroupId"]
+        ranges = ({"Ipv6Ranges": [{"CidrIpv6": cidr, "Description": "kiln builder"}]} if ":" in cidr
+                  else {"IpRanges": [{"CidrIp": cidr, "Description": "kiln builder"}]})
         try:
             ec2.authorize_security_group_ingress(
                 GroupId=group_id,
-                IpPermissions=[
-                    {"IpProtocol": "tcp", "FromPort": port, "ToPort": port,
-                     "IpRanges": [{"CidrIp": cidr, "Description": "kiln builder"}]}
-                    for port in ports
-                ],
+                IpPermissions=[{"IpProtocol": "tcp", "FromPort": port, "ToPort": port, **ranges} for port in ports],
             )  # fmt: skip
         except BaseException:
             self._delete_group(group_id, self.region)  # the caller never learns the id: undo here
@@ -316,15 +342,20 @@ class EC2Cloud:
         return vpcs[0]
 
     def _source_cidr(self, vpc: dict[str, Any]) -> str:
+        if self.ssh_cidr == SSH_CIDR_AUTO:
+            if self._auto_cidr is None:
+                address = public_address(self.public_ip_url or settings.public_ip_url())
+                self._auto_cidr = f"{address}/{address.max_prefixlen}"
+                log.info("ssh_cidr auto: this machine's public address is %s", address)
+            return self._auto_cidr
         if self.ssh_cidr:
             return self.ssh_cidr
         if self.ssh_interface == "private":
             return vpc["CidrBlock"]
-        log.warning(
-            "ec2 target in %s has no ssh_cidr: the build's security group admits %s (set ssh_cidr to the "
-            "builder's address range to narrow it)", self.region, OPEN_TO_ALL,
-        )  # fmt: skip
-        return OPEN_TO_ALL
+        raise CloudError(
+            f"ec2 target in {self.region} has no ssh_cidr and connects over its public address: set ssh_cidr to "
+            "the CIDR kiln connects from, or to auto (kiln never opens a build's ports to the whole internet)"
+        )
 
     # -- instances -----------------------------------------------------------------------------------------
 

@@ -15,12 +15,12 @@ from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, Field
 
 from clouds import open_cloud
 from flows.limits import limit_name_for, vm_slot
 from kiln import settings
-from kiln.recipe import Target, load_recipe
+from kiln.recipe import load_recipe, recorded_target
 from provenance import attest, gitinfo, lineage, store
 from tasks.common import BuildPlan, describe, release_open
 from tasks.customize import customize
@@ -265,7 +265,7 @@ def cleanup_build(build_id: str) -> list[str]:
     if detail is None:
         raise BadInput(f"no build {build_id!r} in the provenance database")
     recipe = json.loads(detail.recipe.recipe_json)
-    target = TypeAdapter(Target).validate_python(recipe["targets"][detail.build.target])
+    target = recorded_target(recipe["targets"][detail.build.target])
     plan = BuildPlan(build_id=detail.build.id, recipe=None, target_name=detail.build.target, git=None,
                      recipe_version_id=detail.recipe.id, cloud=open_cloud(target, target_name=detail.build.target))
     errors = release_open(plan)

@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import click
 import typer
+from typer.core import TyperGroup
+
+from kiln.settings import SettingsError
+
+# kiln's own Prefect runs send nothing to Prefect Inc.: the SDK's analytics (read at `import prefect`, so set here,
+# before any command imports it) and the temporary server's telemetry, which offline fails with tracebacks.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+class KilnGroup(TyperGroup):
+    """Every command: a setting or database kiln cannot work with is one line naming the setting and the cause,
+    exit 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SettingsError as exc:
+            from kiln.commands.output import fail
+
+            fail(str(exc), 2)
+
 
 app = typer.Typer(
     name="kiln",
+    cls=KilnGroup,
     help="Bake VM images from recipes kept in git, and remember exactly how every image was made.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals can hold keys and credentials

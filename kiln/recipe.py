@@ -6,8 +6,10 @@ import difflib
 import hashlib
 import ipaddress
 import json
+import os
 import posixpath
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -20,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -45,11 +48,22 @@ SANITIZE_OPERATIONS = (
 )
 
 OUTPUT_FORMATS = ("qcow2", "raw", "vmdk", "vdi", "ova")
+# ec2 ssh_cidr: this machine's public address, looked up like Packer's temporary_security_group_source_public_ip
+SSH_CIDR_AUTO = "auto"
 BASE_SOURCES = ("image", "name", "ssm_parameter", "file", "url", "bootstrap")
 FINGERPRINT_SCHEME = 1  # bump when the canonical form changes, so old fingerprints never collide
 
+# What the loader reads at most: a recipe is a page of YAML, so anything far bigger is a mistake or an attack.
+MAX_RECIPE_BYTES = 256 * 1024
+MAX_YAML_VALUES = 5_000  # scalars and collections after alias expansion (an alias bomb stops here)
+MAX_YAML_DEPTH = 32  # nesting, aliases included
+MAX_NUMBER_DIGITS = 1000  # Python refuses int() of more than 4300 digits (a ValueError, not YAML's error)
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+MAX_PROBE_TIMEOUT_SECONDS = 3600
+MAX_MEMORY_MB = 1024 * 1024
+
 SLUG = r"^[a-z0-9][a-z0-9._-]*$"
-VERSION = r"^\d+(\.\d+){0,2}([-+].*)?$"
+VERSION = r"^[0-9]{1,9}(\.[0-9]{1,9}){0,2}(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$"
 PACKAGE = r"^[A-Za-z0-9][A-Za-z0-9.+:~_=-]*$"
 SHA256 = r"^[0-9a-f]{64}$"
 HTTP_URL = r"^https?://[^\s/]+\S*$"
@@ -65,11 +79,14 @@ SUBNET_ID = r"^subnet-[0-9a-f]+$"
 VPC_ID = r"^vpc-[0-9a-f]+$"
 NO_SPACE = r"^\S+$"
 HTTP_PATH = r"^/\S*$"
+SSM_PATH = r"^/\S+$"
+ONE_LINE = r"^[^\t\n]*$"
 
 # What each pattern means, in words, for error messages (pydantic would print the regex).
 _PATTERN_MEANING = {
     SLUG: "a slug: lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
-    VERSION: "a version like 1, 1.2 or 1.2.3, optionally followed by -suffix or +suffix",
+    VERSION: "a version like 1, 1.2 or 1.2.3, optionally followed by -suffix or +suffix "
+             "(letters, digits, '.' and '-')",
     PACKAGE: "a package name (letters, digits and . + : ~ _ = -; no spaces or shell characters)",
     SHA256: "a sha256: 64 lowercase hex digits, as sha256sum prints it",
     HTTP_URL: "an http:// or https:// URL",
@@ -85,6 +102,8 @@ _PATTERN_MEANING = {
     VPC_ID: "a VPC id like vpc-0abc123",
     NO_SPACE: "a single word without spaces",
     HTTP_PATH: "an absolute URL path like /index.html",
+    SSM_PATH: "an SSM parameter path like /aws/service/debian/release/12/latest/amd64",
+    ONE_LINE: "one line of text (no tabs or line breaks)",
 }
 
 
@@ -114,7 +133,34 @@ class RecipeError(Exception):
 
 def _render_problem(file: str, problem: Problem) -> str:
     where = f"{file}:{problem.line}" if problem.line is not None else file
-    return f"{where}: {problem.field}: {problem.message}" if problem.field else f"{where}: {problem.message}"
+    line = f"{where}: {problem.field}: {problem.message}" if problem.field else f"{where}: {problem.message}"
+    return printable(line)  # one line, whatever the recipe's keys, values or file name hold
+
+
+# Characters that make text show something other than what it is: C0/C1 controls (terminal escapes, carriage
+# returns, line breaks) and the Unicode bidirectional controls of "Trojan Source" (CVE-2021-42574).
+BIDI_CONTROLS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_UNPRINTABLE = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{BIDI_CONTROLS}]")
+_FORBIDDEN_IN_VALUES = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029{BIDI_CONTROLS}]")  # tab, newline ok
+_BIDI = re.compile(f"[{BIDI_CONTROLS}]")
+
+
+def printable(text: str) -> str:
+    """`text` on one line with every control and bidirectional character shown as its escape (\\n, \\x1b,
+    \\u202e): safe to print to a terminal or a log line."""
+    return _UNPRINTABLE.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+def _unsafe_character(text: str, *, key: bool) -> str | None:
+    """Why `text` may not appear in a recipe (a control or bidirectional character), or None."""
+    found = (_UNPRINTABLE if key else _FORBIDDEN_IN_VALUES).search(text)
+    if found is None:
+        return None
+    char = found.group()
+    code = f"U+{ord(char):04X}"
+    if _BIDI.match(char):
+        return f"contains the bidirectional control {code}, which makes text display differently from what it is"
+    return f"contains the control character {code}"
 
 
 def _field_error(message: str, *sub: str | int) -> PydanticCustomError:
@@ -182,7 +228,7 @@ def _file_sha256(path: Path) -> str:
 class Author(_Model):
     """Who maintains the recipe."""
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=200, pattern=ONE_LINE)
     email: str | None = Field(default=None, pattern=EMAIL)
 
 
@@ -190,7 +236,7 @@ class FileSpec(_Model):
     """A file copied from the recipe's directory into the guest."""
 
     src: str = Field(description="Path relative to the recipe's directory.")
-    dest: str = Field(description="Absolute path in the guest.")
+    dest: str = Field(max_length=4096, description="Absolute path in the guest.")
     mode: YamlText = Field(default="0644", pattern=MODE, description="Octal mode, e.g. \"0644\".")
     owner: str = Field(default="root:root", pattern=OWNER)
 
@@ -208,11 +254,14 @@ class FileSpec(_Model):
             raise ValueError(f"{dest} is relative; give an absolute path in the guest, like /etc/motd")
         if ".." in dest.split("/"):
             raise ValueError(f"{dest} contains '..'; give the path without it")
-        if dest.endswith("/"):
+        if dest.endswith("/") or dest.endswith("/."):
             raise ValueError(f"{dest} names a directory; give the full path of the file")
         if any(ord(char) < 32 for char in dest):
             raise ValueError("contains control characters")
-        return posixpath.normpath(dest)
+        normal = "/" + posixpath.normpath(dest).lstrip("/")  # normpath keeps a leading "//"
+        if normal == "/":
+            raise ValueError(f"{dest} is the root directory; give the full path of a file")
+        return normal
 
 
 class Script(_Model):
@@ -293,14 +342,14 @@ class CommandProbe(_Model):
     run: str = Field(min_length=1)
     expect: str | None = None
     exit_code: int = Field(default=0, ge=0, le=255)
-    timeout: int = Field(default=60, gt=0)
+    timeout: int = Field(default=60, gt=0, le=MAX_PROBE_TIMEOUT_SECONDS)
 
 
 class PortProbe(_Model):
     """A TCP port of the booted image accepts connections."""
 
     port: int = Field(ge=1, le=65535)
-    timeout: int = Field(default=60, gt=0)
+    timeout: int = Field(default=60, gt=0, le=MAX_PROBE_TIMEOUT_SECONDS)
 
 
 class HttpProbe(_Model):
@@ -310,7 +359,7 @@ class HttpProbe(_Model):
     path: str = Field(default="/", pattern=HTTP_PATH)
     status: int = Field(default=200, ge=100, le=599)
     expect: str | None = None
-    timeout: int = Field(default=60, gt=0)
+    timeout: int = Field(default=60, gt=0, le=MAX_PROBE_TIMEOUT_SECONDS)
 
 
 def _one_key_of_non_null_properties(schema: dict[str, Any]) -> None:
@@ -430,9 +479,9 @@ class Schedule(_Model):
 class Timeouts(_Model):
     """Stage time limits in seconds."""
 
-    boot: int = Field(default=900, gt=0)
-    customize: int = Field(default=3600, gt=0)
-    image: int = Field(default=1800, gt=0)
+    boot: int = Field(default=900, gt=0, le=MAX_TIMEOUT_SECONDS)
+    customize: int = Field(default=3600, gt=0, le=MAX_TIMEOUT_SECONDS)
+    image: int = Field(default=1800, gt=0, le=MAX_TIMEOUT_SECONDS)
 
 
 class BaseSpec(_Model):
@@ -449,7 +498,7 @@ class BaseSpec(_Model):
                               description="AMI id, Glance id or name, or a kiln local image id.")
     name: str | None = Field(default=None, min_length=1, description="Image name or pattern; the newest wins.")
     owners: list[YamlText] | None = Field(default=None, description="EC2 owners of `name` images.")
-    ssm_parameter: str | None = Field(default=None, pattern=r"^/\S+$", description="EC2 SSM parameter path.")
+    ssm_parameter: str | None = Field(default=None, pattern=SSM_PATH, description="EC2 SSM parameter path.")
     file: str | None = Field(default=None, description="Disk image relative to the recipe (local).")
     url: str | None = Field(default=None, pattern=HTTP_URL, description="Disk image to download (local).")
     sha256: str | None = Field(default=None, pattern=SHA256)
@@ -511,20 +560,41 @@ class _TargetBase(_Model):
         return self
 
 
-def _cidr(value: str | None) -> str | None:
+def _recorded(info: ValidationInfo | None) -> bool:
+    """Validating a target recorded by an earlier build (to clean up after it), not one about to be built."""
+    return bool(info is not None and (info.context or {}).get("recorded"))
+
+
+def _cidr(value: str | None, info: ValidationInfo | None = None) -> str | None:
+    """An IPv4 or IPv6 CIDR block, exactly as meant: no /0 (the whole internet), no host bits to drop."""
     if value is None:
         return None
     try:
-        return str(ipaddress.ip_network(value, strict=False))
+        network = ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise ValueError(f"{value!r} is not a CIDR block like 203.0.113.0/24") from None
+        raise ValueError(f"{value!r} is not a CIDR block like 203.0.113.0/24 or 2001:db8::/64") from None
+    address = ipaddress.ip_interface(value).ip
+    if _recorded(info):
+        return str(network)
+    if network.prefixlen == 0:
+        meant = f"; did you mean {address}/{address.max_prefixlen}?" if not address.is_unspecified else ""
+        raise ValueError(f"{value} is every address on the internet: SSH would be open to the world; give the "
+                         f"range that may reach the build{meant}")
+    if network.network_address != address:
+        raise ValueError(f"{value} has host bits set: write {network} for that network, or "
+                         f"{address}/{address.max_prefixlen} for the one address")
+    return str(network)
+
+
+def _ec2_cidr(value: str | None, info: ValidationInfo) -> str | None:
+    return value if value == SSH_CIDR_AUTO else _cidr(value, info)
 
 
 class LocalTarget(_TargetBase):
     """This host: a container (or a QEMU guest) to build in, a QEMU guest to verify in."""
 
     cloud: Literal["local"] = "local"
-    memory_mb: int = Field(default=2048, ge=256)
+    memory_mb: int = Field(default=2048, ge=256, le=MAX_MEMORY_MB)
     cpus: int = Field(default=2, ge=1, le=64)
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     build_in: Literal["container", "vm"] = Field(  # type: ignore[assignment] - widens the base's choice
@@ -554,7 +624,16 @@ class EC2Target(_TargetBase):
     subnet_id: str | None = Field(default=None, pattern=SUBNET_ID)
     vpc_id: str | None = Field(default=None, pattern=VPC_ID)
     ssh_interface: Literal["public", "private"] = "public"
-    ssh_cidr: str | None = Field(default=None, description="Who may reach SSH during the build.")
+    ssh_cidr: str | None = Field(
+        default=None,
+        description="Who may reach SSH and the probe ports during the build: a CIDR, or `auto` for this machine's "
+        "public address (looked up at public_ip_url). Required with ssh_interface: public.",
+    )
+    public_ip_url: str | None = Field(
+        default=None, pattern=HTTP_URL,
+        description="With ssh_cidr: auto, where this machine's public address is looked up (the URL answers with "
+        "the address as text); default: KILN_PUBLIC_IP_URL, else https://checkip.amazonaws.com.",
+    )
     regions: list[Annotated[str, Field(pattern=AWS_REGION)]] = Field(
         default=[], description="Extra regions the image is copied to."
     )
@@ -563,7 +642,19 @@ class EC2Target(_TargetBase):
     )
 
     _allowed_bases = ("image", "name", "ssm_parameter")
-    _check_cidr = field_validator("ssh_cidr")(_cidr)
+    _check_cidr = field_validator("ssh_cidr")(_ec2_cidr)
+
+    @model_validator(mode="after")
+    def _nothing_open_to_the_world(self, info: ValidationInfo) -> EC2Target:
+        if self.ssh_cidr is None and self.ssh_interface == "public" and not _recorded(info):
+            raise _field_error(
+                "is required with ssh_interface: public (the build's SSH and probe ports would be open to the "
+                "world): give the CIDR kiln connects from, like 203.0.113.7/32, or `auto` to look up this "
+                "machine's public address when the build starts", "ssh_cidr",
+            )
+        if self.public_ip_url is not None and self.ssh_cidr != SSH_CIDR_AUTO:
+            raise _field_error("only applies with ssh_cidr: auto", "public_ip_url")
+        return self
 
 
 class OpenStackTarget(_TargetBase):
@@ -588,6 +679,13 @@ class OpenStackTarget(_TargetBase):
 
 
 Target = Annotated[LocalTarget | EC2Target | OpenStackTarget, Field(discriminator="cloud")]
+_TARGET = TypeAdapter(Target)
+
+
+def recorded_target(spec: dict[str, Any]) -> LocalTarget | EC2Target | OpenStackTarget:
+    """A target as an earlier build recorded it (to release or flag what that build made): rules added since for
+    new builds, like EC2's required ssh_cidr, do not stop the clean-up."""
+    return _TARGET.validate_python(spec, context={"recorded": True})
 TargetName = Annotated[str, Field(pattern=SLUG, max_length=63)]
 
 
@@ -722,19 +820,97 @@ class _YamlFloat(float):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that keeps the source text of numbers and reads timestamps as plain strings."""
+    """SafeLoader that keeps the source text of numbers, reads timestamps as plain strings, and refuses what
+    would take it minutes or its stack to compose: more than MAX_YAML_VALUES values once aliases are expanded
+    (an alias bomb), nesting deeper than MAX_YAML_DEPTH (aliases included), and an alias inside its own anchor.
+
+    Each node's expanded size and depth are computed once, as it is composed; an alias reuses them."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+        self._open_anchors: set[str] = set()
+        self._extent: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) with aliases expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self._aliases += 1
+            if event.anchor in self._open_anchors:
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{event.anchor} refers to the collection that contains it (a recursive alias)",
+                    event.start_mark,
+                )
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nesting is deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+                )
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if id(node) not in self._extent:
+            self._measure(node)
+        return node
+
+    def compose_sequence_node(self, anchor: str | None) -> yaml.Node:
+        return self._composing(anchor, super().compose_sequence_node)
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.Node:
+        return self._composing(anchor, super().compose_mapping_node)
+
+    def _composing(self, anchor: str | None, compose: Any) -> yaml.Node:
+        if anchor is not None:
+            self._open_anchors.add(anchor)
+        try:
+            return compose(anchor)
+        finally:
+            self._open_anchors.discard(anchor)
+
+    def _measure(self, node: yaml.Node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        extents = [self._extent[id(child)] for child in children]
+        values = 1 + sum(count for count, _ in extents)
+        depth = 1 + max((deep for _, deep in extents), default=0)
+        if values > MAX_YAML_VALUES:
+            what = (f"aliases expand this to more than {MAX_YAML_VALUES} values (an alias bomb?)" if self._aliases
+                    else f"this holds more than {MAX_YAML_VALUES} values")
+            raise yaml.composer.ComposerError(None, None, f"{what}; a recipe is far smaller", node.start_mark)
+        if depth > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases nest this deeper than {MAX_YAML_DEPTH} levels", node.start_mark
+            )
+        self._extent[id(node)] = (values, depth)
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _YamlInt:
+    _check_number_length(node)
     value = _YamlInt(yaml.SafeLoader.construct_yaml_int(loader, node))
     value.yaml_text = node.value
     return value
 
 
 def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _YamlFloat:
+    _check_number_length(node)
     value = _YamlFloat(yaml.SafeLoader.construct_yaml_float(loader, node))
     value.yaml_text = node.value
     return value
+
+
+def _check_number_length(node: yaml.ScalarNode) -> None:
+    # int() of thousands of digits takes long, and Python refuses over 4300 with a ValueError: stop here.
+    if len(node.value) > MAX_NUMBER_DIGITS:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"the number {node.value[:12]}… has more than {MAX_NUMBER_DIGITS} characters; quote it "
+            "if it is text", node.start_mark,
+        )
 
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
@@ -781,8 +957,14 @@ def _render_loc(loc: tuple[str | int, ...]) -> str:
     return text
 
 
-def _duplicate_keys(node: yaml.Node, loc: tuple[str | int, ...] = ()) -> list[Problem]:
-    """PyYAML silently keeps the last of duplicate keys; a recipe must not say two things at once."""
+def _duplicate_keys(node: yaml.Node, loc: tuple[str | int, ...] = (), visited: set[int] | None = None) -> list[Problem]:
+    """PyYAML silently keeps the last of duplicate keys; a recipe must not say two things at once.
+
+    Each node is visited once: an alias's target was checked where its anchor is (no re-expansion)."""
+    visited = set() if visited is None else visited
+    if id(node) in visited:
+        return []
+    visited.add(id(node))
     problems: list[Problem] = []
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
@@ -792,14 +974,38 @@ def _duplicate_keys(node: yaml.Node, loc: tuple[str | int, ...] = ()) -> list[Pr
                     problems.append(Problem(_render_loc((*loc, key.value)),
                                             f"duplicate key (first set on line {seen[key.value]})", _line(key)))
                 seen.setdefault(key.value, _line(key))
-                problems += _duplicate_keys(value, (*loc, key.value))
+                problems += _duplicate_keys(value, (*loc, key.value), visited)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            problems += _duplicate_keys(item, (*loc, index))
+            problems += _duplicate_keys(item, (*loc, index), visited)
     return problems
 
 
+def _unsafe_text(data: Any, loc: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every key and string value holding a control or bidirectional character: (location, why).
+
+    `data` is bounded by the loader (MAX_YAML_VALUES values, MAX_YAML_DEPTH levels), aliases expanded."""
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    if isinstance(data, str):
+        if why := _unsafe_character(data, key=False):
+            found.append((loc, why))
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(key, str) and (why := _unsafe_character(key, key=True)):
+                found.append(((*loc, key), f"the key {why}"))
+            else:
+                found += _unsafe_text(value, (*loc, key))
+    elif isinstance(data, list):
+        for index, item in enumerate(data):
+            found += _unsafe_text(item, (*loc, index))
+    return found
+
+
 # ---------------------------------------------------------------- pydantic errors as Problems
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _describe(value: Any) -> str:
@@ -904,18 +1110,18 @@ def _message(kind: str, ctx: dict[str, Any], value: Any, loc: tuple[str | int, .
     if kind == "union_tag_invalid":
         return f"unknown cloud {ctx.get('tag')!r}; kiln knows {', '.join(CLOUD_KINDS)}"
     if kind == "literal_error":
-        return f"unknown value {value!r}; expected {ctx.get('expected')}"
+        return f"unknown value {_short(repr(value))}; expected {ctx.get('expected')}"
     if kind == "string_pattern_mismatch":
         meaning = _PATTERN_MEANING.get(ctx.get("pattern", ""), f"matching {ctx.get('pattern')}")
         subject = "the key " if is_key else ""
-        return f"{subject}{value!r} is not {meaning}"
+        return f"{subject}{_short(repr(value))} is not {meaning}"
     if kind in _TYPE_WORDS:
         hint = " (quote it)" if kind == "string_type" and isinstance(value, int | float) else ""
         return f"expected {_TYPE_WORDS[kind]}, got {_describe(value)}{hint}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         bound = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}",
                  "less_than": "< {lt}", "less_than_equal": "<= {le}"}[kind].format(**ctx)
-        return f"must be {bound}, got {value}"
+        return f"must be {bound}, got {_short(str(_yaml_text(value)))}"
     if kind == "too_short":
         return "must not be empty"
     if kind == "too_long":
@@ -930,40 +1136,88 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read, parse and validate a recipe file, its referenced files included; RecipeError lists every problem."""
     path = Path(path)
     shown_dir = f"{path.parent}/"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(path, [Problem("", "no such recipe file", None)]) from None
-    except IsADirectoryError:
-        raise RecipeError(path, [Problem("", "is a directory, not a recipe file", None)]) from None
-    except UnicodeDecodeError as error:
-        raise RecipeError(path, [Problem("", f"is not UTF-8 text ({error.reason})", None)]) from None
-    except OSError as error:
-        raise RecipeError(path, [Problem("", f"cannot be read: {error.strerror}", None)]) from None
+    text = _read_recipe_text(path)
     try:
         root, data = _parse_yaml(text)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         detail = ", ".join(part for part in (error.context, error.problem) if part)
         raise RecipeError(path, [Problem("", f"invalid YAML: {detail}", mark.line + 1 if mark else None)]) from None
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow: its position, not a mark
+        line = text.count("\n", 0, error.position) + 1
+        code = f"U+{error.character:04X}" if isinstance(error.character, int) else repr(error.character)
+        problem = f"invalid YAML: the character {code} is not allowed in YAML"
+        raise RecipeError(path, [Problem("", problem, line)]) from None
     except yaml.YAMLError as error:
         raise RecipeError(path, [Problem("", f"invalid YAML: {error}", None)]) from None
+    except (ValueError, RecursionError) as error:  # the loader's bounds should make these unreachable: a last net
+        raise RecipeError(path, [Problem("", f"invalid YAML: {type(error).__name__}: {error}", None)]) from None
     if root is None:
         raise RecipeError(path, [Problem("", "the recipe is empty", None)])
     if not isinstance(data, dict):
         raise RecipeError(path, [Problem("", f"the recipe must be a mapping (name: ..., targets: ...), "
                                              f"not {_describe(data)}", _line(root))])
     problems = _duplicate_keys(root)
+    unsafe = _unsafe_text(data)
+    problems += [Problem(_render_loc(loc), why, _line_at(root, loc)) for loc, why in unsafe]
     context = {"base_dir": path.parent, "shown_dir": shown_dir}
     try:
         recipe = Recipe.model_validate(data, context=context)
     except ValidationError as error:
-        problems += [_problem_from_error(dict(item), root) for item in error.errors(include_url=False)]
+        flagged = [_render_loc(loc) for loc, _ in unsafe]
+        problems += [
+            problem for problem in (_problem_from_error(dict(item), root) for item in error.errors(include_url=False))
+            if not any(problem.field == field or problem.field.startswith((f"{field}.", f"{field}["))
+                       for field in flagged)  # said once, by the character check
+        ]
         recipe = None
     if problems or recipe is None:
         raise RecipeError(path, sorted(problems, key=lambda problem: (problem.line or 0)))
     recipe._path = path.absolute()
     return recipe
+
+
+_FILE_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+               stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe's text: a regular file of at most MAX_RECIPE_BYTES, in UTF-8. A FIFO, a device or a socket is
+    refused before anything is read from it (opened non-blocking, checked with fstat on the open descriptor)."""
+
+    def refuse(message: str) -> RecipeError:
+        return RecipeError(path, [Problem("", message, None)])
+
+    too_big = f"is larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a page of YAML"
+    def check_kind(mode: int) -> None:
+        kind = stat.S_IFMT(mode)
+        if kind != stat.S_IFREG:
+            raise refuse(f"is {_FILE_KINDS.get(kind, 'not a regular file')}, not a recipe file")
+
+    try:
+        check_kind(os.stat(path).st_mode)  # a socket cannot even be opened: say what it is
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise refuse("no such recipe file") from None
+    except OSError as error:
+        raise refuse(f"cannot be read: {error.strerror}") from None
+    try:
+        info = os.fstat(descriptor)  # what was opened, in case the path changed since the stat
+        check_kind(info.st_mode)
+        if info.st_size > MAX_RECIPE_BYTES:
+            raise refuse(too_big)
+        with os.fdopen(os.dup(descriptor), "rb") as handle:
+            data = handle.read(MAX_RECIPE_BYTES + 1)  # it may have grown since fstat
+    except OSError as error:
+        raise refuse(f"cannot be read: {error.strerror}") from None
+    finally:
+        os.close(descriptor)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise refuse(too_big)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise refuse(f"is not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
 def recipe_json_schema() -> dict[str, Any]:

@@ -21,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from kiln.settings import SIGNING_KEY_ENV
 from provenance import lineage
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -29,11 +30,15 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 BUILD_TYPE = "https://kiln.dev/build-image/v1"  # what a kiln image build is: recipe + target on a base
 BUILDER_ID = "https://kiln.dev/builder/v1"
 CLOUD_ID_DIGEST = "kilnCloudImageId"
-KEY_ENV = "KILN_SIGNING_KEY"  # path of the ed25519 private key `kiln attest` and the register stage sign with
+KEY_ENV = SIGNING_KEY_ENV  # path of the ed25519 private key `kiln attest` and the register stage sign with
 
 
 class AttestationError(RuntimeError):
     """A statement cannot be made, signed or verified; the message says which part and why."""
+
+
+class NotAnEnvelope(AttestationError):
+    """The file is not a DSSE envelope at all (bad input), as opposed to one that does not verify."""
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -224,21 +229,28 @@ def sign(statement: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
 
 def open_envelope(envelope: dict[str, Any], public: Ed25519PublicKey) -> dict[str, Any]:
     """The statement inside a DSSE envelope, once a signature by `public` verifies over it."""
+    if not isinstance(envelope, dict):
+        raise NotAnEnvelope(f"not a DSSE envelope: a JSON {type(envelope).__name__}, not an object with "
+                            "payloadType, payload and signatures")
     if envelope.get("payloadType") != PAYLOAD_TYPE:
-        raise AttestationError(f"payloadType {envelope.get('payloadType')!r} is not {PAYLOAD_TYPE}")
+        raise NotAnEnvelope(f"payloadType {envelope.get('payloadType')!r} is not {PAYLOAD_TYPE}")
     try:
         payload = base64.b64decode(envelope["payload"], validate=True)
         signatures = [base64.b64decode(s["sig"], validate=True) for s in envelope.get("signatures", [])]
     except (KeyError, TypeError, ValueError) as exc:
-        raise AttestationError(f"not a DSSE envelope: {exc}") from exc
+        raise NotAnEnvelope(f"not a DSSE envelope: {exc}") from exc
     message = pae(PAYLOAD_TYPE, payload)
     for signature in signatures:
         try:
             public.verify(signature, message)
         except InvalidSignature:
             continue
-        statement = json.loads(payload)
-        if statement.get("_type") != STATEMENT_TYPE or statement.get("predicateType") != PREDICATE_TYPE:
+        try:
+            statement = json.loads(payload)
+        except ValueError as exc:
+            raise AttestationError(f"the signed payload is not JSON: {exc}") from exc
+        kinds = (statement.get("_type"), statement.get("predicateType")) if isinstance(statement, dict) else ()
+        if kinds != (STATEMENT_TYPE, PREDICATE_TYPE):
             raise AttestationError("the signed payload is not an in-toto v1 statement with SLSA provenance v1")
         return statement
     raise AttestationError(f"no signature verifies with key {key_id(public)[:16]}: the statement was altered "

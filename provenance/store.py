@@ -16,16 +16,17 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, Engine, case, create_engine, event, func, insert, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, select, update
 
-from kiln.settings import KILN_VERSION, database_url
+from kiln.settings import KILN_VERSION, SettingsError, database_setting, database_url, without_password
 from provenance.gitinfo import GitInfo
 from provenance.graph import ROOTS, descendants_cte
 from provenance.models import (
@@ -53,6 +54,7 @@ if TYPE_CHECKING:  # alembic is imported only to migrate (~0.3 s a process saved
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_SECONDS = 60
+CONNECT_TIMEOUT_SECONDS = 10  # an unreachable PostgreSQL fails in seconds, not after the system's TCP timeout
 # pg_advisory_xact_lock key serialising schema upgrades of one PostgreSQL database ("kiln" in ASCII).
 _PG_MIGRATION_LOCK = 0x6B696C6E
 _WRITE = "kiln_write"  # execution option: this connection writes (SQLite: BEGIN IMMEDIATE)
@@ -63,28 +65,47 @@ _engines_lock = threading.Lock()
 Row = TypeVar("Row", bound=SQLModel)
 
 
-class SchemaError(RuntimeError):
+class SchemaError(SettingsError):
     """The database's schema revision is one this kiln does not know (a newer kiln upgraded it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(database_setting(), message)
 
 
 # ---------------------------------------------------------------------------------------------- engines
 
 
 def engine(url: str | None = None) -> Engine:
-    """The engine for `url` (default: kiln.settings.database_url()), created and migrated on first use."""
+    """The engine for `url` (default: kiln.settings.database_url()), created and migrated on first use.
+
+    A URL or a database kiln cannot use (unparsable, no driver, unreachable, not a database, not writable) is a
+    SettingsError naming the setting and the cause."""
     url = url or database_url()
     key = (url, os.getpid())  # a forked child must not share its parent's pooled connections
     with _engines_lock:
         cached = _engines.get(key)
         if cached is None:
-            cached = _create_engine(url)
+            try:
+                cached = _create_engine(url)
+            except (SQLAlchemyError, ImportError, OSError, ValueError) as exc:
+                raise _unusable(url, exc) from None
             try:
                 _migrate(cached)
-            except BaseException:
+            except BaseException as exc:
                 cached.dispose()
+                if isinstance(exc, SQLAlchemyError | OSError):
+                    raise _unusable(url, exc) from None
                 raise
             _engines[key] = cached
         return cached
+
+
+def _unusable(url: str, exc: BaseException) -> SettingsError:
+    cause = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+    cause = re.sub(r"\s*\(Background on this error at: [^)]*\)", "", cause) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        cause = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return SettingsError(database_setting(), f"cannot use the database {without_password(url)}: {cause}")
 
 
 def upgrade(url: str | None = None) -> str:
@@ -119,13 +140,24 @@ def current_revision(url: str | None = None) -> str | None:
 def _create_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        connect_args = {}
+        if parsed.get_driver_name() == "psycopg2" and "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+        _create_private_file(Path(parsed.database))
     sqlite_engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_SECONDS})
     event.listen(sqlite_engine, "connect", _configure_sqlite_connection)
     event.listen(sqlite_engine, "begin", _begin_sqlite_transaction)
     return sqlite_engine
+
+
+def _create_private_file(path: Path) -> None:
+    """An empty file only its owner can read, for SQLite to make a database of (its -wal and -shm files get the
+    same mode); an existing file or directory is left as it is."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:

@@ -31,12 +31,19 @@ from clouds.base import (
 from kiln.recipe import Recipe
 from provenance import store
 from provenance.gitinfo import GitInfo
-from provenance.redact import LineRedactor, redact
+from provenance.redact import LineRedactor, redact, redact_logs
 
 STAGES = ("fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register")
 
 T = TypeVar("T")
 log = logging.getLogger("kiln.build")
+# The second net: whatever Prefect's or kiln's loggers write (to the terminal or the Prefect API) is redacted.
+redact_logs("prefect", "kiln", "clouds", "tasks", "flows", "provenance")
+
+
+class StageError(RuntimeError):
+    """A stage's failure whose text held a secret: the same text, redacted. The original exception is not kept,
+    not even as the cause, since Prefect would log it and store it with the run."""
 
 
 @dataclass
@@ -156,13 +163,18 @@ def stage(name: str, *, retries: int = 0, retry_delay_seconds: float = 5) -> Cal
             except BaseException as exc:
                 step_log.flush()
                 status = "cancelled" if isinstance(exc, KeyboardInterrupt | SystemExit) else "failed"
-                store.finish_step(step_id, status, error=redact(describe(exc)))
+                error = describe(exc)
+                store.finish_step(step_id, status, error=error)
                 _notify(plan, name, status)
-                raise
-            step_log.flush()
-            store.finish_step(step_id, "succeeded")
-            _notify(plan, name, "succeeded")
-            return result
+                if not (isinstance(exc, Exception) and holds_secret(exc)):
+                    raise
+                redacted = StageError(error)
+            else:
+                step_log.flush()
+                store.finish_step(step_id, "succeeded")
+                _notify(plan, name, "succeeded")
+                return result
+            raise redacted  # outside the except block, so the original is not even its __context__
 
         # Prefect binds arguments by signature: show it the stage's own, without the injected step_log.
         signature = inspect.signature(fn)
@@ -182,8 +194,22 @@ def stage(name: str, *, retries: int = 0, retry_delay_seconds: float = 5) -> Cal
 
 
 def describe(exc: BaseException) -> str:
+    """The exception as one message for a person, redacted: its text, after its type unless that says nothing."""
     text = str(exc) or type(exc).__name__
-    return text if isinstance(exc, RuntimeError | ValueError | OSError) else f"{type(exc).__name__}: {text}"
+    return redact(text if isinstance(exc, RuntimeError | ValueError | OSError) else f"{type(exc).__name__}: {text}")
+
+
+def holds_secret(exc: BaseException) -> bool:
+    """Whether the exception, or one Python would print with it (its cause or context), holds a secret."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and not any(current is other for other in seen):
+        seen.append(current)
+        texts = [str(current), *(str(note) for note in getattr(current, "__notes__", ()))]
+        if any(redact(text) != text for text in texts):
+            return True
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return False
 
 
 class CancelledDuringCreate(KeyboardInterrupt):

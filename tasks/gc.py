@@ -11,12 +11,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import TypeAdapter
-
 from clouds import open_cloud
 from clouds.base import TAG_BUILD, Resource
 from kiln import settings
-from kiln.recipe import Target
+from kiln.recipe import recorded_target
 from provenance import lineage, store
 from tasks.common import describe
 
@@ -97,7 +95,7 @@ class Clouds:
         self.by_key: dict[tuple, Any] = {}
 
     def add(self, target_name: str, spec: dict[str, Any]) -> Any:
-        cloud = self.opener(TypeAdapter(Target).validate_python(spec), target_name=target_name)
+        cloud = self.opener(recorded_target(spec), target_name=target_name)
         return self.by_key.setdefault(cloud_key(cloud), cloud)
 
     def add_local(self) -> Any:

@@ -14,12 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import TypeAdapter
-
 from clouds import open_cloud
 from clouds.base import ImageRef
 from kiln import settings
-from kiln.recipe import Target
+from kiln.recipe import recorded_target
 from provenance import lineage, store
 from provenance.store import RevokedImage
 from tasks.common import describe
@@ -169,4 +167,4 @@ def _build_target(row: RevokedImage) -> tuple[Any, str]:
     spec = json.loads(build.recipe.recipe_json).get("targets", {}).get(build.build.target)
     if spec is None:
         return None, ""
-    return TypeAdapter(Target).validate_python(spec), build.build.target
+    return recorded_target(spec), build.build.target

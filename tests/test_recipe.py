@@ -337,7 +337,7 @@ name: demo
 version: 1.0.0
 targets:
   local: {base: {bootstrap: debian-bookworm}}
-  ec2: {region: us-east-1, base: {ssm_parameter: /aws/service/debian/release/12/latest/amd64}}
+  ec2: {region: us-east-1, base: {ssm_parameter: /aws/service/debian/release/12/latest/amd64}, ssh_cidr: auto}
   openstack: {flavor: m1.small, base: {name: debian-12}}
   sierra: {cloud: openstack, flavor: m1.large, base: {image: 6e5959e9-f349-420f-b77c-5485306fdc25}}
   lab: {cloud: local, base: {url: "https://example.org/d.qcow2", sha256: "%s"}, accel: tcg}
@@ -417,7 +417,7 @@ def test_unquoted_yaml_numbers_keep_the_text_the_user_wrote(tmp_path: Path) -> N
 name: demo
 version: 1.10
 targets:
-  ec2: {region: us-east-1, base: {image: ami-1}, share_with: [123456789012]}
+  ec2: {region: us-east-1, base: {image: ami-1}, share_with: [123456789012], ssh_cidr: 203.0.113.0/24}
   local: {base: {bootstrap: debian-bookworm}}
 files:
   - {src: a.txt, dest: /a, mode: 0600}

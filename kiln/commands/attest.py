@@ -8,15 +8,11 @@ from pathlib import Path
 from typing import NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from kiln.commands.records import _console
-from provenance import attest as statements
-from provenance.lineage import UnknownImage
+from kiln.commands.output import fail, safe, stdout
+from kiln.settings import SIGNING_KEY_ENV
 
-KEY_ENV = statements.KEY_ENV
-errors = Console(stderr=True)
+KEY_ENV = SIGNING_KEY_ENV
 
 
 def register(app: typer.Typer) -> None:
@@ -44,16 +40,23 @@ def attest(
 
 
 def _generate(path: Path) -> None:
+    from provenance import attest as statements
+
     try:
         public_path = statements.generate_key(path)
     except statements.AttestationError as exc:
         _fail(str(exc), 2)
+    except OSError as exc:
+        _fail(f"{path}: cannot write the key: {exc.strerror}" + (f" ({exc.filename})" if exc.filename else ""), 2)
     public = statements.load_public_key(public_path)
     typer.echo(f"private key {path} (keep it secret; export {KEY_ENV}={path.resolve()})")
     typer.echo(f"public key  {public_path}  keyid {statements.key_id(public)}")
 
 
 def _attest(image_id: str, key_path: Path | None, out: Path | None) -> None:
+    from provenance import attest as statements
+    from provenance.lineage import UnknownImage
+
     key_path = key_path or statements.configured_key()
     if key_path is None:
         _fail(f"no signing key: pass --key FILE or set {KEY_ENV} (make one with kiln attest --generate-key FILE)", 2)
@@ -64,28 +67,37 @@ def _attest(image_id: str, key_path: Path | None, out: Path | None) -> None:
         _fail(str(exc), 2)
     envelope = statements.sign(statement, key)
     target = out or Path(statements.statement_file_name(image_id))
-    target.write_text(json.dumps(envelope, indent=2) + "\n")
+    try:
+        target.write_text(json.dumps(envelope, indent=2) + "\n")
+    except OSError as exc:
+        _fail(f"{target}: cannot write the statement: {exc.strerror}", 2)
     names = ", ".join(subject["name"] for subject in statement["subject"])
     typer.echo(f"{target}: in-toto statement for {names}, signed by key {envelope['signatures'][0]['keyid'][:16]}")
 
 
 def _verify(path: Path, pub: Path | None) -> None:
+    from provenance import attest as statements
+
     pub = pub or _default_public_key()
     try:
         envelope = json.loads(path.read_text())
         public = statements.load_public_key(pub)
-        statement = statements.open_envelope(envelope, public)
-    except (OSError, ValueError, statements.AttestationError) as exc:
-        _fail(f"{path}: {exc}", 1)
+    except OSError as exc:
+        _fail(f"{exc.filename or path}: cannot be read: {exc.strerror}", 2)
+    except (ValueError, statements.AttestationError) as exc:  # not JSON, or not a public key
+        _fail(f"{path}: {exc}", 2)
     try:
+        statement = statements.open_envelope(envelope, public)
         checks = statements.check_subjects(statement)
+    except statements.NotAnEnvelope as exc:
+        _fail(f"{path}: {exc}", 2)
     except statements.AttestationError as exc:
         _fail(f"{path}: {exc}", 1)
-    console = _console()
-    console.print(f"{escape(str(path))}: signature verifies with key {statements.key_id(public)[:16]}")
+    console = stdout()
+    console.print(f"{safe(path)}: signature verifies with key {statements.key_id(public)[:16]}")
     for check in checks:
         mark = "[green]ok[/]" if check.ok else "[red]MISMATCH[/]"
-        console.print(f"  {mark} {escape(check.name)}: {escape(check.detail)}", highlight=False)
+        console.print(f"  {mark} {safe(check.name)}: {safe(check.detail)}", highlight=False)
     if not all(check.ok for check in checks):
         raise typer.Exit(1)
 
@@ -99,5 +111,4 @@ def _default_public_key() -> Path:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    errors.print(f"[red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
+    fail(message, code)

@@ -6,12 +6,9 @@ import json
 from typing import NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from kiln.commands.records import _console
+from kiln.commands.output import fail, safe, stdout
 
-errors = Console(stderr=True)
 SHOWN_PATHS = 20  # differing paths printed per kind (the record keeps more; --json prints what was recorded)
 
 
@@ -29,7 +26,7 @@ def audit(
     """Repeatability audit: check out the recorded commit, verify the recipe fingerprint, rebuild the same target,
     compare packages and every file of the two disks. Exit 0 passed, 1 differs or failed, 2 bad input."""
     from flows.audit import AuditError, audit_image, audit_subject
-    from kiln.commands.build import quiet_prefect_console
+    from kiln.commands.build import quiet_prefect_console, quiet_prefect_runs
     from provenance.lineage import UnknownImage
 
     try:
@@ -37,12 +34,15 @@ def audit(
     except (UnknownImage, AuditError) as exc:
         _fail(str(exc), 2)
     quiet_prefect_console()
+    quiet_prefect_runs()
     try:
         report = audit_image(image_id, repo=repo, threshold=threshold)
     except AuditError as exc:
         _fail(str(exc), 1)
     except Exception as exc:  # the rebuild failed: its provenance names the stage (kiln show)
-        _fail(f"audit of {image_id} failed: {exc}", 1)
+        from tasks.common import describe
+
+        _fail(f"audit of {image_id} failed: {describe(exc)}", 1)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -51,13 +51,13 @@ def audit(
 
 
 def print_report(report: dict) -> None:
-    console = _console()
+    console = stdout()
     files, packages = report["files"], report["packages"]
     colour = "green" if report["status"] == "passed" else "red"
-    console.print(f"audit {report['audit_id']} of [bold]{escape(report['image_id'])}[/]: [{colour}]"
+    console.print(f"audit {report['audit_id']} of [bold]{safe(report['image_id'])}[/]: [{colour}]"
                   f"{report['status']}[/]")
     console.print(f"  commit {report['commit'][:12]}, recipe fingerprint {report['fingerprint'][:16]} (verified)")
-    console.print(f"  rebuilt as {escape(report['rebuild_image_id'])} (build {report['rebuild_build_id'][:12]})")
+    console.print(f"  rebuilt as {safe(report['rebuild_image_id'])} (build {report['rebuild_build_id'][:12]})")
     console.print(f"  files: [bold]{files['identity']:.2f}%[/] identical ({files['identical']} of {files['compared']};"
                   f" {files['excluded']} paths excluded; threshold {report['threshold']}%)")
     for kind in ("changed", "only_original", "only_rebuild"):
@@ -65,16 +65,15 @@ def print_report(report: dict) -> None:
         if count:
             console.print(f"    {kind.replace('_', ' ')} ({count}):", highlight=False)
             for path in files[kind][:SHOWN_PATHS]:
-                console.print(f"      {escape(path)}", highlight=False)
+                console.print(f"      {safe(path)}", highlight=False)
             if count > SHOWN_PATHS:
                 console.print(f"      … {count - SHOWN_PATHS} more (kiln audit --json)", highlight=False)
     if not any(packages.values()):
         console.print("  packages: identical")
     for kind in ("added", "removed", "changed"):
         for line in packages[kind]:
-            console.print(f"  package {kind}: {escape(line)}", highlight=False)
+            console.print(f"  package {kind}: {safe(line)}", highlight=False)
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    errors.print(f"[red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
+    fail(message, code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -16,13 +17,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from kiln.recipe import RecipeError, load_recipe
+from kiln.commands.output import fail, safe, stderr
+from kiln.recipe import EC2Target, Recipe, RecipeError, load_recipe, printable
 
 STAGES = ("fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register")
 STYLE = {"waiting": "dim", "running": "bold yellow", "succeeded": "green", "failed": "bold red", "cancelled": "red"}
 MARK = {"waiting": "·", "running": "▶", "succeeded": "✓", "failed": "✗", "cancelled": "⊘"}
-
-err = Console(stderr=True)
 
 
 def quiet_prefect_console() -> None:
@@ -32,6 +32,23 @@ def quiet_prefect_console() -> None:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
     # Without PREFECT_API_URL, Prefect starts a temporary server; on a small machine that takes 15-25 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+class _RunLogsGoToPrefectOnly(logging.Filter):
+    """Flow and task run records reach Prefect's API but not the terminal: the live table and the summary already
+    say what they say, and Prefect would add its traceback to every failed stage (the step log has the details)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+
+
+def quiet_prefect_runs() -> None:
+    """After Prefect is imported (its logging set up): the terminal shows kiln's lines, not Prefect's run logs."""
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and not any(
+            isinstance(existing, _RunLogsGoToPrefectOnly) for existing in handler.filters
+        ):
+            handler.addFilter(_RunLogsGoToPrefectOnly())
 
 
 def without_flow_heartbeats() -> AbstractContextManager:
@@ -108,12 +125,13 @@ def register(app: typer.Typer) -> None:
         """Build a recipe's targets: fetch base → launch → wait boot → customize → sanitize → snapshot → verify →
         register. Exit 0 when every target succeeded, 1 when any failed, 2 on bad input (nothing launched)."""
         if on_error not in ("cleanup", "abort"):
-            err.print(f"--on-error: {on_error!r} is not one of cleanup, abort")
-            raise typer.Exit(2)
+            fail(f"--on-error: {on_error!r} is not one of cleanup, abort", 2)
         targets = _checked_targets(recipe, target)
         quiet_prefect_console()
         from flows.build import BadInput, BuildRequest, build_recipe
         from tasks.common import LISTENERS
+
+        quiet_prefect_runs()
 
         console = Console(stderr=as_json)
         live_table = console.is_terminal and not as_json
@@ -128,10 +146,10 @@ def register(app: typer.Typer) -> None:
                     stack.enter_context(Live(listener, console=console, refresh_per_second=4, transient=False))
                 results = build_recipe(request, trigger="cli")
         except BadInput as exc:
-            err.print(str(exc))
+            stderr().print(Text(printable(str(exc))))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err.print("interrupted: every resource of the build was released; the build is recorded as cancelled")
+            stderr().print("interrupted: every resource of the build was released; the build is recorded as cancelled")
             raise typer.Exit(130) from None
         finally:
             LISTENERS.remove(listener)
@@ -143,18 +161,20 @@ def register_cleanup(app: typer.Typer) -> None:
     @app.command()
     def cleanup(build_id: str = typer.Argument(..., help="Build ID (or a unique prefix)")) -> None:
         """Release everything a build still holds (e.g. a guest kept by --on-error abort), newest first."""
+        if not build_id.strip():
+            fail("give the id of the build to clean up (see `kiln builds`)", 2)
         from flows.build import BadInput, cleanup_build
+        from provenance.lineage import AmbiguousBuildId
 
         try:
             errors = cleanup_build(build_id)
-        except BadInput as exc:
-            err.print(str(exc))
-            raise typer.Exit(2) from None
+        except (BadInput, AmbiguousBuildId) as exc:
+            fail(str(exc), 2)
         for error in errors:
-            err.print(f"could not release {error}")
+            stderr().print(f"could not release {safe(error)}")
         if errors:
             raise typer.Exit(1)
-        Console().print(f"build {build_id}: nothing left")
+        Console().print(f"build {safe(build_id)}: nothing left")
 
 
 def _checked_targets(recipe: Path, requested: list[str]) -> list[str]:
@@ -162,14 +182,33 @@ def _checked_targets(recipe: Path, requested: list[str]) -> list[str]:
     try:
         loaded = load_recipe(recipe)
     except RecipeError as exc:
-        err.print(Text(str(exc)))
+        for line in exc.lines():
+            stderr().print(Text(line))
         raise typer.Exit(2) from None
     unknown = [t for t in requested if t not in loaded.targets]
     if unknown:
-        err.print(f"{recipe}: targets.{unknown[0]}: no such target (have: {', '.join(loaded.targets)})")
+        stderr().print(Text(printable(f"{recipe}: targets.{unknown[0]}: no such target "
+                                      f"(have: {', '.join(loaded.targets)})")))
         raise typer.Exit(2)
     _check_signing_key()
-    return requested or list(loaded.targets)
+    targets = requested or list(loaded.targets)
+    _check_settings(loaded, targets)
+    return targets
+
+
+def _check_settings(recipe: Recipe, targets: list[str]) -> None:
+    """The settings the build will use, before Prefect starts: a SettingsError is one line naming the setting,
+    exit 2 (kiln.cli), and nothing is launched."""
+    from kiln import settings
+    from provenance import store
+
+    settings.data_dir()
+    if any(recipe.targets[name].cloud == "local" for name in targets):
+        settings.cache_dir()
+    if any(isinstance(recipe.targets[name], EC2Target) and recipe.targets[name].ssh_cidr == "auto"
+           and recipe.targets[name].public_ip_url is None for name in targets):
+        settings.public_ip_url()
+    store.engine()  # created and migrated: a database kiln cannot use stops here
 
 
 def _check_signing_key() -> None:
@@ -178,7 +217,7 @@ def _check_signing_key() -> None:
 
     problem = attest.signing_key_problem()
     if problem:
-        err.print(Text(problem))
+        stderr().print(Text(printable(problem)))
         raise typer.Exit(2)
 
 
@@ -187,13 +226,15 @@ def _report(results: list[dict], as_json: bool, on_error: str) -> None:
         json.dump(results, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
-    out = Console()
+    out = Console(soft_wrap=True, highlight=False)
     for r in results:
         if r["status"] == "succeeded":
-            out.print(f"[green]✓[/] {r['target']}: image [bold]{r['image_id']}[/] (build {r['build_id']})")
-        else:
-            out.print(f"[red]✗[/] {r['target']}: {r['status']} in {r['stage']}: {r['error']} (build {r['build_id']})")
-            if on_error == "abort" and r.get("debug"):
-                out.print(r["debug"])
-    if any(r["build_id"] for r in results):
-        out.print("details: kiln show BUILD_ID")
+            out.print(f"[green]✓[/] {safe(r['target'])}: image [bold]{safe(r['image_id'])}[/] "
+                      f"(build {safe(r['build_id'])})")
+            continue
+        reason = (r["error"] or "").strip().splitlines()[:1] or ["no reason recorded"]
+        out.print(f"[red]✗[/] {safe(r['target'])}: {safe(r['status'])} in {safe(r['stage'])}: {safe(reason[0])}")
+        if on_error == "abort" and r.get("debug"):
+            out.print(safe(r["debug"]))
+        if r["build_id"]:
+            out.print(f"  details: kiln show {safe(r['build_id'])} --logs")

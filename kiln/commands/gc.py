@@ -7,7 +7,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-err = Console(stderr=True)
+from kiln.commands.output import fail, safe
+from kiln.recipe import printable
+
 STYLE = {"released": "green", "would release": "yellow", "closed (never created)": "green"}
 
 
@@ -29,8 +31,7 @@ def register(app: typer.Typer) -> None:
         try:
             age = parse_duration(older_than) if older_than else None
         except ValueError as exc:
-            err.print(str(exc))
-            raise typer.Exit(2) from None
+            fail(str(exc), 2)
         report = collect_garbage(dry_run=dry_run, older_than=age, cloud=cloud)
         out = Console()
         print_report(report, out if out.is_terminal else Console(width=240), dry_run=dry_run)  # a log keeps ids whole
@@ -40,9 +41,9 @@ def register(app: typer.Typer) -> None:
 def print_report(report, console: Console, *, dry_run: bool) -> None:  # noqa: ANN001 - a tasks.gc.GcReport
     for build_id in report.interrupted:
         done = "would be marked interrupted" if dry_run else "marked interrupted"
-        console.print(f"build {build_id}: its process is gone; {done}")
+        console.print(f"build {safe(build_id)}: its process is gone; {done}")
     for problem in report.unreachable:
-        console.print(Text(f"could not list {problem}", style="red"))
+        console.print(Text(printable(f"could not list {problem}"), style="red"))
     if not report.leftovers:
         console.print("nothing to be done: no kiln resource is left by a build that is not running")
         return
@@ -50,7 +51,8 @@ def print_report(report, console: Console, *, dry_run: bool) -> None:  # noqa: A
     for column in ("cloud", "region", "kind", "id", "build", "build status", "found in", "action"):
         table.add_column(column)
     for item in report.leftovers:
-        action = Text(item.action, style=STYLE.get(item.action, "red" if item.action.startswith("failed") else "dim"))
-        table.add_row(item.cloud, item.region, item.kind, item.resource_id or "-", item.build_id[:8],
-                      item.build_status or "unknown", item.source, action)  # fmt: skip
+        style = STYLE.get(item.action, "red" if item.action.startswith("failed") else "dim")
+        action = Text(printable(item.action), style=style)
+        table.add_row(safe(item.cloud), safe(item.region), safe(item.kind), safe(item.resource_id or "-"),
+                      safe(item.build_id[:8]), safe(item.build_status or "unknown"), safe(item.source), action)
     console.print(table)

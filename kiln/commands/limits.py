@@ -6,11 +6,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kiln.commands.output import fail, safe
+
 limits_app = typer.Typer(
     help="Per-cloud caps on running VMs (Prefect global concurrency limits kiln-vms-<cloud>[-<region>]).",
     no_args_is_help=True,
 )
-err = Console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -30,10 +31,9 @@ def set_(
         if count < 0:
             raise ValueError(f"COUNT must be 0 or more, not {count}")
     except ValueError as exc:
-        err.print(str(exc))
-        raise typer.Exit(2) from None
+        fail(str(exc), 2)
     limit = set_limit(name, count)
-    Console().print(f"{limit.name}: {limit.limit} VM{'s' if limit.limit != 1 else ''} at once")
+    Console().print(f"{safe(limit.name)}: {limit.limit} VM{'s' if limit.limit != 1 else ''} at once")
 
 
 @limits_app.command("list")
@@ -46,7 +46,7 @@ def list_() -> None:
     for column in ("limit", "VMs at once", "in use", "active"):
         table.add_column(column)
     for each in found:
-        table.add_row(each.name, str(each.limit), str(each.active_slots), "yes" if each.active else "no")
+        table.add_row(safe(each.name), str(each.limit), str(each.active_slots), "yes" if each.active else "no")
     out = Console()
     if found:
         out.print(table)

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.tree import Tree
 
-from kiln.commands.records import _commit, _console, _status, _where
-from provenance import lineage as graph
-from provenance.lineage import Lineage, LineageNode
+from kiln.commands.output import fail, safe, stdout
+from kiln.commands.records import _commit, _status, _where
+from kiln.recipe import printable
+
+if TYPE_CHECKING:
+    from provenance.lineage import Lineage, LineageNode
 
 FORMATS = ("tree", "json", "dot")
-errors = Console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +32,8 @@ def lineage(
 ) -> None:
     """Where an image came from (build, recipe version, commit, base chain) and what came of it.
     With none of --up/--down/--siblings, all three."""
+    from provenance import lineage as graph
+
     if output not in FORMATS:
         _fail(f"--format {output!r} is not one of {', '.join(FORMATS)}")
     if not (up or down or siblings):
@@ -45,7 +47,7 @@ def lineage(
     elif output == "dot":
         typer.echo(to_dot(found))
     else:
-        _console().print(to_tree(found))
+        stdout().print(to_tree(found))
 
 
 def revoke(
@@ -58,6 +60,7 @@ def revoke(
     flags it where it can (EC2 deprecation, Glance deactivation, local catalog). Exit 1 if a cloud failed."""
     if not reason.strip():
         _fail("--reason must say why the image is revoked")
+    from provenance import lineage as graph
     from tasks.revoke import revoke as revoke_image
 
     try:
@@ -67,14 +70,14 @@ def revoke(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        console = _console()
+        console = stdout()
         for row in result.changed:
             where = _where(row.cloud, row.region)
-            console.print(f"{_status(row.status)}  {escape(row.image_id)} ({where}, {row.kind})")
+            console.print(f"{_status(row.status)}  {safe(row.image_id)} ({where}, {safe(row.kind)})")
         for action in result.actions:
             colour = {"flagged": "green", "failed": "red"}.get(action.outcome, "dim")
-            console.print(f"  {escape(action.cloud)} {escape(action.image_id)}: [{colour}]{action.outcome}[/]"
-                          + (f" — {escape(action.detail)}" if action.detail else ""), highlight=False)
+            console.print(f"  {safe(action.cloud)} {safe(action.image_id)}: [{colour}]{safe(action.outcome)}[/]"
+                          + (f" — {safe(action.detail)}" if action.detail else ""), highlight=False)
     if result.cloud_failures:
         raise typer.Exit(1)
 
@@ -85,19 +88,20 @@ def revoke(
 def label(node: LineageNode, *, markup: bool = True) -> str:
     """One line about an image: id, where, kind, status, recipe, commit, build."""
     image, recipe, build = node.image, node.recipe, node.build
-    parts = [f"[bold]{escape(image.image_id)}[/]" if markup else image.image_id,
+    shown = safe if markup else printable
+    parts = [f"[bold]{safe(image.image_id)}[/]" if markup else printable(image.image_id),
              _where(image.cloud, image.region) if markup else "/".join(filter(None, (image.cloud, image.region))),
-             image.kind, _status(image.status) if markup else image.status]
+             shown(image.kind), _status(image.status) if markup else image.status]
     if recipe is not None:
-        parts.append(f"{recipe.name}@{recipe.version}")
+        parts.append(shown(f"{recipe.name}@{recipe.version}"))
         parts.append(f"commit {_commit(recipe.commit, recipe.dirty)}")
-        parts.append(f"fingerprint {recipe.fingerprint[:12]}")
+        parts.append(f"fingerprint {shown(recipe.fingerprint[:12])}")
     if build is not None:
-        parts.append(f"build {build.id[:8]} {build.target}")
+        parts.append(shown(f"build {build.id[:8]} {build.target}"))
     if image.sha256:
-        parts.append(f"sha256 {image.sha256[:12]}")
+        parts.append(f"sha256 {shown(image.sha256[:12])}")
     if image.revoked_reason and image.status != "available":
-        parts.append(f"({escape(image.revoked_reason) if markup else image.revoked_reason})")
+        parts.append(f"({shown(image.revoked_reason)})")
     return "  ".join(parts)
 
 
@@ -153,5 +157,4 @@ def _dot_escape(text: str) -> str:
 
 
 def _fail(message: str) -> NoReturn:
-    errors.print(f"[red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(2)
+    fail(message, 2)

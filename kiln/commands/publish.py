@@ -8,17 +8,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from kiln.commands.output import fail, safe, stderr
 from kiln.recipe import EC2Target, OpenStackTarget, RecipeError, load_recipe
 
 if TYPE_CHECKING:  # boto3 and openstacksdk take seconds to import: only `kiln publish` pays for them
     from clouds.ec2 import EC2Cloud
     from clouds.openstack import OpenStackCloud
     from tasks.publish import Publication
-
-errors = Console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -48,7 +45,7 @@ def publish(
     cloud = _cloud(to, recipe, share, region=region, endpoint_url=endpoint_url, profile=profile)
     if isinstance(cloud, EC2Cloud) and not bucket:
         _fail("--bucket is required to publish to ec2 (VM Import reads the disk from S3)", 2)
-    say = (lambda _line: None) if as_json else (lambda line: errors.print(escape(line), highlight=False))
+    say = (lambda _line: None) if as_json else (lambda line: stderr().print(safe(line)))
     try:
         publication = _publish(image_id, cloud, name, bucket, say)
     except PublishRefused as exc:
@@ -90,7 +87,9 @@ def _cloud(
     try:
         recipe = load_recipe(recipe_path)
     except RecipeError as exc:
-        _fail(str(exc), 2)
+        for line in exc.lines():
+            stderr().print(safe(line))
+        raise typer.Exit(2) from None
     target = recipe.targets.get(to)
     if target is None:
         _fail(f"{recipe_path}: targets.{to}: no such target (have: {', '.join(recipe.targets)})", 2)
@@ -115,5 +114,4 @@ def _region(region: str | None, profile: str | None) -> str:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    errors.print(f"[red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
+    fail(message, code)

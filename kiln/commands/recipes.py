@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from kiln.recipe import RecipeError, load_recipe, recipe_json_schema
+from kiln.recipe import RecipeError, load_recipe, printable, recipe_json_schema
 
 EXIT_BAD_INPUT = 2
 
@@ -32,7 +32,8 @@ def validate(
                 err.print(Text(line, style="red"))
             continue
         out.print(Text.assemble(
-            ("✓ ", "green"), (shown, "bold"), f"  {recipe.name} {recipe.version}  fingerprint {fingerprint[:12]}"
+            ("✓ ", "green"), (printable(shown), "bold"),
+            f"  {recipe.name} {recipe.version}  fingerprint {fingerprint[:12]}",
         ))
     if invalid:
         raise typer.Exit(EXIT_BAD_INPUT)

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from provenance import lineage, store
-from provenance.models import BUILD_STATUSES
+from kiln.commands.output import fail, plain_lines, safe, stdout
 
+if TYPE_CHECKING:  # provenance pulls in SQLAlchemy and GitPython: imported when a command runs, not for `validate`
+    from provenance import lineage
+
+# provenance.models.BUILD_STATUSES, spelled out so that importing the CLI does not import SQLModel (a test keeps
+# them equal).
+BUILD_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "interrupted")
 STATUS_CHOICES = ", ".join(BUILD_STATUSES)
-errors = Console(stderr=True)
-
-
-def _console() -> Console:
-    """Rich output for a terminal; piped, tables keep their full width (no truncation) and no colour."""
-    return Console() if sys.stdout.isatty() else Console(width=4096)
 
 
 def register(app: typer.Typer) -> None:
@@ -42,6 +38,8 @@ def builds(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """List builds, newest first."""
+    from provenance import lineage
+
     if status is not None and status not in BUILD_STATUSES:
         _fail(f"--status {status!r} is not one of {STATUS_CHOICES}")
     found = lineage.list_builds(recipe=recipe, status=status, limit=limit)
@@ -52,11 +50,11 @@ def builds(
     for summary in found:
         b, r = summary.build, summary.recipe
         table.add_row(
-            b.id[:12], escape(f"{r.name}@{r.version}"), escape(b.target), _where(b.cloud, b.region),
-            _status(b.status), escape(b.stage or ""), _when(b.started), _took(b.started, b.finished),
+            b.id[:12], safe(f"{r.name}@{r.version}"), safe(b.target), _where(b.cloud, b.region),
+            _status(b.status), safe(b.stage or ""), _when(b.started), _took(b.started, b.finished),
             _commit(r.commit, r.dirty),
         )
-    _console().print(table if found else "no builds recorded")
+    stdout().print(table if found else "no builds recorded")
 
 
 def show(
@@ -65,6 +63,10 @@ def show(
     logs: bool = typer.Option(False, "--logs", help="Print each step's log."),
 ) -> None:
     """Everything recorded about one build: recipe version, stages, probes, images."""
+    from provenance import lineage
+
+    if not build_id.strip():
+        _fail("give a build id (see `kiln builds`)")
     try:
         detail = lineage.get_build(build_id)
     except lineage.AmbiguousBuildId as exc:
@@ -83,6 +85,8 @@ def images(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """List images kiln knows: built ones, their bases and copies, newest first."""
+    from provenance import lineage
+
     found = lineage.list_images(cloud=cloud, recipe=recipe)
     if as_json:
         _print_json([summary.to_dict() for summary in found])
@@ -91,64 +95,66 @@ def images(
     for summary in found:
         image = summary.image
         table.add_row(
-            escape(image.image_id), _where(image.cloud, image.region),
-            escape(f"{summary.recipe_name}@{summary.recipe_version}") if summary.recipe_name else "",
-            _commit(summary.commit, False), escape(summary.parent_image_id or ""), image.kind, _status(image.status),
-            _size(image.size), (summary.build_id or "")[:12],
+            safe(image.image_id), _where(image.cloud, image.region),
+            safe(f"{summary.recipe_name}@{summary.recipe_version}") if summary.recipe_name else "",
+            _commit(summary.commit, False), safe(summary.parent_image_id or ""), safe(image.kind),
+            _status(image.status), _size(image.size), (summary.build_id or "")[:12],
         )
-    _console().print(table if found else "no images recorded")
+    stdout().print(table if found else "no images recorded")
 
 
 def db_upgrade() -> None:
     """Bring the provenance database's schema to the newest revision (also done on first use)."""
+    from provenance import store
+
     typer.echo(store.upgrade())
 
 
 def _print_build(detail: lineage.BuildDetail, *, logs: bool) -> None:
     b, r = detail.build, detail.recipe
-    console = _console()
-    console.print(f"[bold]build {b.id}[/]  {_status(b.status)}" + (f" at stage {escape(b.stage)}" if b.stage else ""))
-    console.print(f"  recipe   {escape(r.name)}@{escape(r.version)}  fingerprint {r.fingerprint[:16]}")
-    console.print(f"  source   {escape(r.repo or '(not in git)')}  {escape(r.path)}"
-                  f"  commit {_commit(r.commit, r.dirty)}" + (f" on {escape(r.branch)}" if r.branch else ""))
+    console = stdout()
+    stage = f" at stage {safe(b.stage)}" if b.stage else ""
+    console.print(f"[bold]build {safe(b.id)}[/]  {_status(b.status)}{stage}")
+    console.print(f"  recipe   {safe(r.name)}@{safe(r.version)}  fingerprint {safe(r.fingerprint[:16])}")
+    console.print(f"  source   {safe(r.repo or '(not in git)')}  {safe(r.path)}"
+                  f"  commit {_commit(r.commit, r.dirty)}" + (f" on {safe(r.branch)}" if r.branch else ""))
     build_in = json.loads(b.parameters_json or "{}").get("build_in", "vm")
-    console.print(f"  target   {escape(b.target)} on {_where(b.cloud, b.region)}  build_in {escape(build_in)}"
-                  f"  trigger {b.trigger}"
-                  + (f"  flow run {escape(b.flow_run_id)}" if b.flow_run_id else ""))
-    console.print(f"  ran      {_when(b.started)} for {_took(b.started, b.finished)} on {b.host} (pid {b.pid}),"
-                  f" kiln {b.kiln_version}")
+    console.print(f"  target   {safe(b.target)} on {_where(b.cloud, b.region)}  build_in {safe(build_in)}"
+                  f"  trigger {safe(b.trigger)}" + (f"  flow run {safe(b.flow_run_id)}" if b.flow_run_id else ""))
+    console.print(f"  ran      {_when(b.started)} for {_took(b.started, b.finished)} on {safe(b.host)} "
+                  f"(pid {b.pid}), kiln {safe(b.kiln_version)}")
     if layers := json.loads(b.layers_json or "[]"):
         reused = [layer for layer in layers if layer.get("reused_from")]
         console.print(f"  layers   {len(reused)} of {len(layers)} customize steps reused from earlier builds")
         for layer in layers:
-            origin = f"reused from build {layer['reused_from'][:12]}" if layer.get("reused_from") else "made here"
-            console.print(f"           {escape(layer['step'])}: {layer['key'][:12]} {origin}", highlight=False)
+            origin = f"reused from build {safe(layer['reused_from'][:12])}" if layer.get("reused_from") else "made here"
+            console.print(f"           {safe(layer['step'])}: {safe(layer['key'][:12])} {origin}", highlight=False)
     if b.error:
-        console.print(f"  [red]error[/]    {escape(b.error)}", highlight=False)
+        console.print(f"  [red]error[/]    {safe(b.error)}", highlight=False)
     steps = Table("stage", "attempt", "status", "started", "took", "error", title="stages")
     for step in detail.steps:
-        steps.add_row(escape(step.stage), str(step.attempt), _status(step.status), _when(step.started),
-                      _took(step.started, step.finished), escape(step.error or ""))
+        steps.add_row(safe(step.stage), str(step.attempt), _status(step.status), _when(step.started),
+                      _took(step.started, step.finished), safe(step.error or ""))
     console.print(steps)
     if detail.probes:
         probes = Table("probe", "kind", "result", "took", "detail", title="probes")
         for probe in detail.probes:
-            probes.add_row(escape(probe.name), escape(probe.kind),
+            probes.add_row(safe(probe.name), safe(probe.kind),
                            "[green]passed[/]" if probe.passed else "[red]failed[/]",
-                           f"{probe.duration:.1f}s", escape(probe.detail))
+                           f"{probe.duration:.1f}s", safe(probe.detail))
         console.print(probes)
     if detail.images:
         table = Table("image", "cloud", "format", "size", "sha256", "parent", "status", title="images")
         for summary in detail.images:
             image = summary.image
-            table.add_row(escape(image.image_id), _where(image.cloud, image.region), escape(image.format),
-                          _size(image.size), image.sha256[:16], escape(summary.parent_image_id or ""),
+            table.add_row(safe(image.image_id), _where(image.cloud, image.region), safe(image.format),
+                          _size(image.size), safe(image.sha256[:16]), safe(summary.parent_image_id or ""),
                           _status(image.status))
         console.print(table)
     if logs:
         for step in detail.steps:
-            console.print(f"── {escape(step.stage)} (attempt {step.attempt}) ──", style="bold", highlight=False)
-            console.print(step.log, markup=False, highlight=False, end="")
+            console.print(f"── {safe(step.stage)} (attempt {step.attempt}) ──", style="bold", highlight=False)
+            console.print(plain_lines(step.log), markup=False, highlight=False, end="")
 
 
 def _print_json(value: Any) -> None:
@@ -156,24 +162,23 @@ def _print_json(value: Any) -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    errors.print(f"[red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
+    fail(message, 2)
 
 
 def _status(status: str) -> str:
     colour = {"succeeded": "green", "available": "green", "running": "cyan", "failed": "red",
               "revoked": "red", "interrupted": "yellow", "parent-revoked": "yellow"}.get(status)
-    return f"[{colour}]{status}[/]" if colour else status
+    return f"[{colour}]{safe(status)}[/]" if colour else safe(status)
 
 
 def _where(cloud: str, region: str) -> str:
-    return escape(f"{cloud}/{region}" if region else cloud)
+    return safe(f"{cloud}/{region}" if region else cloud)
 
 
 def _commit(commit: str | None, dirty: bool) -> str:
     if commit is None:
         return "-"
-    return commit[:10] + ("+dirty" if dirty else "")
+    return safe(commit[:10]) + ("+dirty" if dirty else "")
 
 
 def _when(moment: dt.datetime | None) -> str:

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kiln.commands.output import safe
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -30,7 +32,8 @@ def register(app: typer.Typer) -> None:
         for column in ("deployment", "worker", "host", "pid", "build", "recipe", "target", "cloud", "stage", "since"):
             table.add_column(column)
         for r in rows:
-            table.add_row(r.deployment or "kiln build", r.worker or "-", r.host or "-", str(r.pid or "-"),
-                          (r.build_id or "-")[:8], r.recipe or "-", r.target or "-", r.cloud or "-", r.stage or "-",
-                          r.since or "-")  # fmt: skip
+            cells = (r.deployment or "kiln build", r.worker or "-", r.host or "-", str(r.pid or "-"),
+                     (r.build_id or "-")[:8], r.recipe or "-", r.target or "-", r.cloud or "-", r.stage or "-",
+                     r.since or "-")  # fmt: skip
+            table.add_row(*(safe(cell) for cell in cells))
         out.print(table)

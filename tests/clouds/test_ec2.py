@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import http.server
 import json
-import logging
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -134,7 +135,7 @@ def test_security_group_opens_ssh_and_probe_ports_only_to_the_builders_cidr(ec2)
     assert {t["Key"]: t["Value"] for t in group["Tags"]}[TAG_BUILD] == TAGS[TAG_BUILD]
 
 
-def test_without_ssh_cidr_a_private_build_admits_its_vpc_and_a_public_one_warns(moto, caplog):  # noqa: F811
+def test_without_ssh_cidr_a_private_build_admits_its_vpc_and_a_public_one_is_refused(moto):  # noqa: F811
     private = EC2Cloud(REGION, endpoint_url=moto, ssh_interface="private", poll_seconds=0.2)
     group_id = private.open_ports("kiln-private", [22], TAGS)
     [vpc] = private.ec2().describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
@@ -142,11 +143,75 @@ def test_without_ssh_cidr_a_private_build_admits_its_vpc_and_a_public_one_warns(
     assert group["IpPermissions"][0]["IpRanges"][0]["CidrIp"] == vpc["CidrBlock"]
 
     public = EC2Cloud(REGION, endpoint_url=moto, poll_seconds=0.2)
-    with caplog.at_level(logging.WARNING, logger="clouds.ec2"):
-        group_id = public.open_ports("kiln-public", [22], TAGS)
-    [group] = public.ec2().describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
-    assert group["IpPermissions"][0]["IpRanges"][0]["CidrIp"] == "0.0.0.0/0"
-    assert "has no ssh_cidr" in caplog.text
+    with pytest.raises(CloudError, match="no ssh_cidr"):
+        public.open_ports("kiln-public", [22], TAGS)
+    groups = public.ec2().describe_security_groups()["SecurityGroups"]
+    assert "kiln-public" not in [group["GroupName"] for group in groups]  # refused before anything was created
+
+
+@pytest.fixture
+def public_ip_answer():
+    """A local HTTP server standing in for checkip.amazonaws.com: answers what the test puts in `answer`."""
+    answer = {"text": "198.51.100.7\n", "hits": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            answer["hits"] += 1
+            body = answer["text"].encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    answer["url"] = f"http://127.0.0.1:{server.server_address[1]}/"
+    yield answer
+    server.shutdown()
+    server.server_close()
+
+
+def _ingress(ec2: EC2Cloud, group_id: str) -> list[tuple[int, list[str], list[str]]]:
+    [group] = ec2.ec2().describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    return sorted((p["FromPort"], [r["CidrIp"] for r in p.get("IpRanges", [])],
+                   [r["CidrIpv6"] for r in p.get("Ipv6Ranges", [])]) for p in group["IpPermissions"])
+
+
+def test_ssh_cidr_auto_opens_the_ports_to_this_machines_public_address_only(moto, public_ip_answer,  # noqa: F811
+                                                                            monkeypatch):
+    target = EC2Target(region=REGION, base=BaseSpec(image="ami-1"), ssh_cidr="auto", endpoint_url=moto,
+                       public_ip_url=public_ip_answer["url"])
+    ec2 = EC2Cloud.from_target(target)
+    ec2.poll_seconds = 0.2
+
+    first = ec2.open_ports("kiln-auto-build", [22, 80], TAGS)
+    second = ec2.open_ports("kiln-auto-verify", [22], TAGS)
+
+    assert _ingress(ec2, first) == [(22, ["198.51.100.7/32"], []), (80, ["198.51.100.7/32"], [])]
+    assert _ingress(ec2, second) == [(22, ["198.51.100.7/32"], [])]
+    assert public_ip_answer["hits"] == 1  # looked up once per build
+    monkeypatch.setenv("KILN_PUBLIC_IP_URL", public_ip_answer["url"])  # the setting, when the recipe names none
+    public_ip_answer["text"] = "2001:db8::7"
+    from_setting = EC2Cloud(REGION, endpoint_url=moto, ssh_cidr="auto", poll_seconds=0.2)
+    group = from_setting.open_ports("kiln-auto-v6", [22], TAGS)
+    assert _ingress(from_setting, group) == [(22, [], ["2001:db8::7/128"])]
+
+
+@pytest.mark.parametrize("answer, message", [("0.0.0.0", "unspecified"), ("<html>busy</html>", "not an IP address")])
+def test_ssh_cidr_auto_refuses_an_answer_that_is_no_address(moto, public_ip_answer, answer, message):  # noqa: F811
+    public_ip_answer["text"] = answer
+    ec2 = EC2Cloud(REGION, endpoint_url=moto, ssh_cidr="auto", public_ip_url=public_ip_answer["url"], poll_seconds=0.2)
+    with pytest.raises(CloudError, match=message):
+        ec2.open_ports("kiln-auto", [22], TAGS)
+
+
+def test_an_ipv6_ssh_cidr_is_sent_as_an_ipv6_range(moto):  # noqa: F811
+    ec2 = EC2Cloud(REGION, endpoint_url=moto, ssh_cidr="2001:db8:1::/48", poll_seconds=0.2)
+    assert _ingress(ec2, ec2.open_ports("kiln-v6", [22], TAGS)) == [(22, [], ["2001:db8:1::/48"])]
 
 
 def refuse(ec2: EC2Cloud, operation: str, code: str, region: str = REGION) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.conftest import REPO
 from tests.prefect_server import prefect_server
@@ -155,3 +158,37 @@ def hello_build(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> H
     assert result.returncode == 0, result.stdout + result.stderr
     [outcome] = json.loads(result.stdout)
     return HelloBuild(recipe=recipe, commit=commit, outcome=outcome)
+
+
+@dataclass
+class FailedScriptBuild:
+    """A real local build whose script prints a PEM private key and an AWS secret key, then exits 3."""
+
+    recipe: Path
+    result: subprocess.CompletedProcess  # `kiln build --json`: what the terminal showed
+    outcome: dict
+    needles: dict[str, bytes]  # every form of the two secrets that must appear nowhere
+
+
+@pytest.fixture(scope="session")
+def failed_script_build(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> FailedScriptBuild:
+    """One real local build (a guest boot; customize fails, so nothing else boots) shared by the failing-script
+    test and the secrets test. The key is long (RSA, 25 lines), so a command's last lines cut off its BEGIN."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    ).decode()
+    secret = secrets.token_urlsafe(30).replace("-", "+").replace("_", "/")[:40]
+    script = (f"#!/bin/sh\necho about to fail\ncat <<'EOF'\n{key}EOF\n"
+              f"echo 'aws_secret_access_key = {secret}'\necho the reason >&2\nexit 3\n")
+    recipe = committed_recipe(
+        tmp_path_factory.mktemp("broken"),
+        "name: broken\nversion: '1'\ntargets:\n  local: {base: {bootstrap: debian-bookworm}, memory_mb: 1024}\n"
+        "scripts: [scripts/fail.sh]\nverify: [{port: {port: 22}}]\n",
+        {"scripts/fail.sh": script},
+    )
+    result = run_kiln("build", str(recipe), "--json")
+    [outcome] = json.loads(result.stdout) if result.stdout.strip() else [{}]
+    body = [line for line in key.splitlines() if not line.startswith("-----")]
+    needles = {f"private key line {number}": line.encode() for number, line in enumerate(body, 1)}
+    needles["aws secret access key"] = secret.encode()
+    return FailedScriptBuild(recipe=recipe, result=result, outcome=outcome, needles=needles)

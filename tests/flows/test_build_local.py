@@ -17,7 +17,7 @@ from clouds import container, disk
 from kiln import settings
 from provenance import lineage, store
 from tasks.audit import compare_packages
-from tests.flows.conftest import KILN, HelloBuild, committed_recipe, run_kiln, service_recipe
+from tests.flows.conftest import KILN, FailedScriptBuild, HelloBuild, committed_recipe, run_kiln, service_recipe
 
 pytestmark = pytest.mark.vm
 
@@ -129,18 +129,10 @@ def parent_flow_name(flow_run_id: str) -> str | None:
         return client.read_flow(parent.flow_id).name
 
 
-def test_failing_script_fails_customize_and_releases_every_resource(tmp_path, prefect_api):
-    recipe = committed_recipe(
-        tmp_path,
-        "name: broken\nversion: '1'\ntargets:\n  local: {base: {bootstrap: debian-bookworm}, memory_mb: 1024}\n"
-        "scripts: [scripts/fail.sh]\nverify: [{port: {port: 22}}]\n",
-        {"scripts/fail.sh": "#!/bin/sh\necho about to fail\necho the reason >&2\nexit 3\n"},
-    )
-
-    result = run_kiln("build", str(recipe), "--json")
+def test_failing_script_fails_customize_and_releases_every_resource(failed_script_build: FailedScriptBuild):
+    result, outcome = failed_script_build.result, failed_script_build.outcome  # `kiln build --json`'s
 
     assert result.returncode == 1, result.stdout + result.stderr
-    [outcome] = json.loads(result.stdout)
     assert outcome["status"] == "failed" and outcome["stage"] == "customize"
     assert "scripts/fail.sh" in outcome["error"] and "exit code 3" in outcome["error"]
     detail = show(outcome["build_id"])

@@ -6,7 +6,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,13 @@ from provenance.gitinfo import GitInfo
 
 runner = CliRunner()
 COMMIT = "c0ffee" * 6 + "beef"
+KILN = Path(sys.executable).with_name("kiln")
+
+
+@pytest.fixture(autouse=True)
+def narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here runs as in a 40-column terminal: no message may depend on the width to stay whole."""
+    monkeypatch.setenv("COLUMNS", "40")
 
 
 @pytest.fixture
@@ -101,7 +111,7 @@ def test_a_tampered_statement_fails_verification(built: dict) -> None:
     result = runner.invoke(app, ["attest", "--verify", str(out), "--pub", str(built["pub"])])
 
     assert result.exit_code == 1
-    assert "no signature verifies" in result.stderr
+    assert result.stderr.startswith(f"error: {out}: no signature verifies") and result.stderr.count("\n") == 1
 
 
 def test_a_statement_signed_by_another_key_fails_verification(built: dict) -> None:
@@ -158,3 +168,30 @@ def test_an_envelope_round_trips_through_the_library(built: dict) -> None:
     assert [(c.name, c.ok, c.on_disk) for c in checks] == [
         ("local:img-0123456789ab", True, True), ("local:img-0123456789ab.raw", True, None)]
     assert lineage.resolve_image(built["sha"]).image_id == "img-0123456789ab"
+
+
+def test_verify_messages_are_one_line_when_stderr_is_not_a_terminal_whatever_its_width(built: dict) -> None:
+    out = _attest(built)
+    other = built["tmp"] / "other.key"
+    attest.generate_key(other)
+
+    result = subprocess.run([str(KILN), "attest", "--verify", str(out), "--pub", f"{other}.pub"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "40"})
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {out}: no signature verifies with key ")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_file_that_is_no_envelope_and_an_unwritable_key_path_are_one_line_exit_2(built: dict) -> None:
+    for content in ("[1, 2]", '{"payloadType": 3}', '{"payloadType": "application/vnd.in-toto+json"}'):
+        odd = built["tmp"] / "odd.json"
+        odd.write_text(content)
+        result = runner.invoke(app, ["attest", "--verify", str(odd), "--pub", str(built["pub"])])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert result.stderr.startswith(f"error: {odd}: ") and result.stderr.count("\n") == 1, result.stderr
+
+    unwritable = Path("/proc/kiln-test/kiln.key")  # nobody may create files under /proc, not even root
+    result = runner.invoke(app, ["attest", "--generate-key", str(unwritable)])
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: {unwritable}: cannot write the key: ")
+    assert result.stderr.count("\n") == 1

@@ -102,3 +102,37 @@ def test_db_upgrade_on_a_fresh_kiln_home(tmp_path: Path) -> None:
     result = subprocess.run([str(kiln), "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stdout.strip()) == (0, "0003"), result.stderr
     assert (tmp_path / "home" / "kiln.db").is_file()
+
+
+@pytest.fixture
+def hostile(db_url: str) -> dict[str, str]:
+    """A build recorded before recipes were as strict as now: markup in its version, terminal sequences in its
+    step log and error (a guest's output can hold anything)."""
+    git = GitInfo(in_git=True, path="recipes/x.yaml", root="/src", commit="c0ffee" + "0" * 34, branch="[bold]main")
+    version = store.record_recipe_version(name="x[/]", version="1.0-[/]", fingerprint="e" * 64, recipe_json="{}",
+                                          git=git)
+    build = store.start_build(recipe_version_id=version, target="local", cloud="local")
+    step = store.start_step(build, "customize")
+    store.append_step_log(step, "plain line\n\x1b]0;pwned\x07\x1b[2J\x1b[1A[red]not markup[/]\ttab\n")
+    store.finish_step(step, "failed", error="\x1b[31mred\x1b[0m [/] failed")
+    image = store.record_image(cloud="local", image_id="img-[/]", build_id=build, format="qcow2", sha256="c" * 64)
+    store.finish_build(build, "failed", stage="customize", error="bad [link=http://evil]click[/link]")
+    return {"build": build, "image": "img-[/]", "image_row": str(image)}
+
+
+def test_user_and_guest_text_prints_as_itself_never_as_markup_or_terminal_control(hostile: dict[str, str]) -> None:
+    show = runner.invoke(app, ["show", hostile["build"], "--logs"])
+    lineage = runner.invoke(app, ["lineage", hostile["image"]])
+    builds = runner.invoke(app, ["builds"])
+    missing = runner.invoke(app, ["show", "[/]"])
+
+    for result in (show, lineage, builds):
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "x[/]@1.0-[/]" in show.stdout and "bad [link=http://evil]click[/link]" in show.stdout
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x1b[1A[red]not markup[/]" in show.stdout and "    tab" in show.stdout
+    assert "\\x1b[31mred\\x1b[0m [/] failed" in show.stdout
+    assert "img-[/]" in lineage.stdout and "x[/]@1.0-[/]" in lineage.stdout
+    assert "x[/]@1.0-[/]" in builds.stdout
+    assert missing.exit_code == 2 and missing.stderr == "error: no build '[/]' in the provenance database (see " \
+                                                        "`kiln builds`)\n"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import pytest
 
-from provenance.redact import OPEN_KEY, REDACTED_KEY, ends_open, redact, redact_continuation
+from provenance.redact import OPEN_KEY, REDACTED_KEY, ends_open, redact, redact_continuation, redact_logs
 
 BODY = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj"
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
 
 @pytest.mark.parametrize("label", ["OPENSSH PRIVATE KEY", "RSA PRIVATE KEY", "PRIVATE KEY", "EC PRIVATE KEY",
@@ -37,3 +41,41 @@ def test_a_key_split_over_chunks_is_redacted_whole() -> None:
     assert first == f"log\n{OPEN_KEY}" and ends_open(first)
     assert redact_continuation(f"{BODY}\n") == ""  # still inside the block
     assert redact_continuation(f"{BODY}\n-----END OPENSSH PRIVATE KEY-----\ndone\n") == "\ndone\n"
+
+
+def test_the_last_lines_of_a_key_whose_begin_was_cut_off_are_redacted() -> None:
+    tail = f"script setup failed with exit code 3; last lines:\n{BODY}\n{BODY[:20]}==\n" \
+           "-----END RSA PRIVATE KEY-----\nthe reason"
+    assert redact(tail) == f"script setup failed with exit code 3; last lines:\n{REDACTED_KEY}\nthe reason"
+
+
+def test_a_long_log_without_key_ends_is_redacted_in_linear_time() -> None:
+    log = f"{BODY}\n" * 20000 + "not a key line\n" + "-----END PRIVATE KEY-----\n"
+    started = time.perf_counter()
+    assert redact(log) == f"{BODY}\n" * 20000 + f"not a key line\n{REDACTED_KEY}\n"
+    assert time.perf_counter() - started < 1
+
+
+def test_the_log_filter_redacts_messages_and_tracebacks_before_any_handler_formats_them() -> None:
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(self.format(record))
+
+    logger = logging.getLogger("kiln.test-redaction")
+    handler = Keep()
+    logger.addHandler(handler)
+    logger.propagate = False
+    redact_logs("kiln")
+    try:
+        logger.warning("output: %s", f"-----BEGIN PRIVATE KEY-----\n{BODY}\n-----END PRIVATE KEY-----")
+        try:
+            raise RuntimeError(f"aws_secret_access_key={SECRET}")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    assert records[0] == f"output: {REDACTED_KEY}"
+    assert SECRET not in records[1] and "aws_secret_access_key=[REDACTED]" in records[1]
+    assert "Traceback" in records[1]

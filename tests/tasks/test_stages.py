@@ -17,7 +17,7 @@ from flows.nightly import decide
 from kiln.recipe import SANITIZE_OPERATIONS, load_recipe
 from kiln.settings import KILN_VERSION
 from provenance import gitinfo, lineage, store
-from tasks.common import BuildPlan, ledgered, release_open, stage
+from tasks.common import BuildPlan, StageError, ledgered, release_open, stage
 from tasks.launch import user_data
 from tasks.sanitize import REGISTRY, Operation, operations, run_operations, sanitize_script
 
@@ -85,6 +85,28 @@ def test_stage_log_redacts_a_private_key_before_it_reaches_the_database():
     log = lineage.get_build(plan.build_id).steps[0].log
     body = key.private_key.splitlines()[1]
     assert body not in log
+
+
+def test_a_stage_failing_with_a_secret_raises_only_the_redacted_text():
+    plan = new_plan()
+    key = KeyPair.generate("leak-test")
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+    @stage("customize")
+    def leaky(plan: BuildPlan, *, step_log) -> None:
+        try:
+            raise CommandFailed("script leak.sh", 3, f"{key.private_key}aws_secret_access_key = {secret}")
+        except CommandFailed as exc:
+            raise RuntimeError(f"script leak.sh failed; last lines:\n{exc.tail}") from exc
+
+    with disable_run_logger(), pytest.raises(StageError) as raised:
+        leaky.fn(plan)
+    body = key.private_key.splitlines()[1]
+    assert raised.value.__cause__ is None and raised.value.__context__ is None
+    assert "script leak.sh failed" in str(raised.value) and "[REDACTED PRIVATE KEY]" in str(raised.value)
+    assert body not in str(raised.value) and secret not in str(raised.value)
+    error = lineage.get_build(plan.build_id).steps[0].error
+    assert error == str(raised.value)
 
 
 def test_ledger_row_is_written_before_the_call_and_released_when_the_body_fails():
