@@ -94,6 +94,7 @@ class LocalCloud:
         self.state_dir = Path(state_dir) if state_dir else settings.state_dir()
         self.images_dir = Path(images_dir) if images_dir else settings.images_dir()
         self.cache_dir = Path(cache_dir) if cache_dir else settings.cache_dir()
+        self.layers_dir = self.cache_dir / "layers" if cache_dir else settings.layers_dir()
         self.accel = accel
         self.memory_mb = memory_mb
         self.cpus = cpus
@@ -308,7 +309,7 @@ class LocalCloud:
         while it runs)."""
         if instance.details.get("machine") != "container":
             return None
-        return ContainerLayers(self, instance, LayerCache(self.cache_dir / "layers"))
+        return ContainerLayers(self, instance, LayerCache(self.layers_dir))
 
     def reboot_container(self, instance: Instance, change: Any, log: Any) -> Session:
         """Stop the build container, let `change(root)` edit its filesystem, boot it again: the new session."""

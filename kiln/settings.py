@@ -58,6 +58,12 @@ def cache_dir() -> Path:
     return _directory(path, "KILN_CACHE" if cache or not os.environ.get("XDG_CACHE_HOME") else "XDG_CACHE_HOME")
 
 
+def layers_dir() -> Path:
+    """KILN_LAYER_CACHE, else KILN_CACHE/layers: the layers container builds keep of their customize steps."""
+    layers = os.environ.get("KILN_LAYER_CACHE")
+    return _directory(Path(layers), "KILN_LAYER_CACHE") if layers else cache_dir() / "layers"
+
+
 def state_dir() -> Path:
     """Per-instance working directories of the local cloud (overlays, seeds, pid files, sockets)."""
     return _directory(data_dir() / "state", home_setting(), private=True)

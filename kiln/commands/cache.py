@@ -6,11 +6,10 @@ import datetime as dt
 import re
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-err = Console(stderr=True)
+from kiln.commands.output import fail, safe, stdout
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
@@ -27,7 +26,7 @@ def _cache():  # noqa: ANN202 - clouds.layers.LayerCache
     from clouds.layers import LayerCache
     from kiln import settings
 
-    return LayerCache(settings.cache_dir() / "layers")
+    return LayerCache(settings.layers_dir())
 
 
 def _age(stamp: str) -> str:
@@ -49,10 +48,10 @@ def register(app: typer.Typer) -> None:
         layers = _cache().list()
         table = Table("key", "step", "size", "age", "last used", "made by build")
         for layer in layers:
-            table.add_row(layer.key[:12], escape(layer.step), f"{layer.size / 1024**2:.1f} MiB", _age(layer.created),
-                          _age(layer.last_used) + " ago", layer.build_id[:12])  # fmt: skip
-        out = Console()
-        (out if out.is_terminal else Console(width=240)).print(table if layers else "no cached layers")
+            table.add_row(layer.key[:12], safe(layer.step), f"{layer.size / 1024**2:.1f} MiB", _age(layer.created),
+                          _age(layer.last_used) + " ago", safe(layer.build_id[:12]))  # fmt: skip
+        out = stdout()
+        out.print(table if layers else "no cached layers")
         if layers:
             out.print(f"{len(layers)} layers, {sum(layer.size for layer in layers) / 1024**2:.1f} MiB")
 
@@ -66,14 +65,12 @@ def register(app: typer.Typer) -> None:
         from tasks.gc import parse_duration
 
         if max_size is None and older_than is None:
-            err.print("kiln cache prune: give --max-size, --older-than or both")
-            raise typer.Exit(2)
+            fail("kiln cache prune: give --max-size, --older-than or both")
         try:
             limit = parse_size(max_size) if max_size is not None else None
             age = parse_duration(older_than) if older_than else None
         except ValueError as exc:
-            err.print(str(exc), soft_wrap=True)
-            raise typer.Exit(2) from None
+            fail(str(exc))
         gone = _cache().prune(max_size=limit, older_than=age)
         for layer in gone:
             typer.echo(f"removed {layer.key[:12]} {layer.step} ({layer.size} bytes, last used {layer.last_used})")
