@@ -16,7 +16,7 @@ from provenance import attest as statements
 from provenance.lineage import UnknownImage
 
 KEY_ENV = statements.KEY_ENV
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # one unwrapped line, whatever the path's length
 
 
 def register(app: typer.Typer) -> None:
