@@ -145,7 +145,7 @@ class Image(SQLModel, table=True):
     kind: str = "built"  # IMAGE_KINDS
     status: str = "available"  # IMAGE_STATUSES
     revoked_reason: str | None = Field(default=None, sa_type=Text)
-    path: str = ""  # local file, if any (for a base: where the host that last used it caches it)
+    path: str = ""  # local file, if any (a base: where the host that first recorded it cached it, an annotation)
     tags_json: str = Field(default="{}", sa_type=Text)
     created: dt.datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
 

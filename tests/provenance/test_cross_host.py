@@ -1,11 +1,13 @@
 """Provenance that holds across hosts: two kiln homes (two hosts, each with its own cache) sharing one PostgreSQL
-record one row for the bootstrap base they both build from, and lineage of either image reaches it; a database
-written by an older kiln (bases named by their cache path, one row per host) migrates to the same, lineage kept.
+record one row for the base (a bootstrap, a file) they both build from, and lineage of either image reaches it; a
+database written by an older kiln (bases named by their cache path, one row per host) migrates to the same,
+lineage kept.
 
 What runs for real: the fetch_base stage on the local cloud (resolve_base finds the bootstrap disk in each host's
-cache, as after a bootstrap), the register stage's own recording and catalog functions, the store, alembic, and
-`kiln lineage`. What does not: the bootstrap itself (mmdebstrap, minutes as root) and the guest boots; the disk is
-a real qcow2 made by qemu-img, identical on both hosts as a shared or copied base is.
+cache, as after a bootstrap, or copies the file base into it), the register stage's own recording and catalog
+functions, the store, alembic, and `kiln lineage`. What does not: the bootstrap itself (mmdebstrap, minutes as
+root) and the guest boots; the disk is a real qcow2 made by qemu-img, identical on both hosts as a shared or copied
+base is. tests/flows/test_lineage_chain.py (-m vm) checks the same id on a real bootstrap and build.
 """
 
 from __future__ import annotations
