@@ -68,12 +68,20 @@ class BaseImage:
     """The resolved starting point of a build on one cloud."""
 
     cloud: str
-    image_id: str  # AMI id, Glance id, or for local the path of the disk file (details["kiln_image_id"]: img-…)
+    image_id: str  # AMI id, Glance id, or for local the path of the disk file (stable_id: what it is anywhere)
     digest: str  # sha256 of the bits where known, else the cloud's own immutable marker
     ssh_user: str
     name: str = ""
     region: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    # What names these bits on every host, when image_id is a host's own handle (a local disk's path): the
+    # content (`base:debian-bookworm@sha256:…`, `sha256:…`). "" when image_id already does (AMI, Glance uuid).
+    stable_id: str = ""
+
+    @property
+    def provenance_id(self) -> str:
+        """The id provenance records this base under: the same on every host."""
+        return self.stable_id or self.image_id
 
 
 @dataclass

@@ -165,6 +165,11 @@ def inputs_for(flavour: str, packages: list[str] | None, mirror: str = DEFAULT_M
     }
 
 
+def stable_id(flavour: str, disk_sha256: str) -> str:
+    """The base's name on every host: its bootstrap and its disk's digest (the cache path is one host's)."""
+    return f"base:{flavour}@sha256:{disk_sha256}"
+
+
 def digest_of(inputs: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 

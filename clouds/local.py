@@ -133,6 +133,7 @@ class LocalCloud:
                 digest=result.sha256,
                 ssh_user=ssh_user,
                 name=str(spec.bootstrap),
+                stable_id=bootstrap.stable_id(str(spec.bootstrap), result.sha256),
                 details={
                     "path": str(result.path),
                     "format": "qcow2",
@@ -157,6 +158,7 @@ class LocalCloud:
             ssh_user=ssh_user,
             name=name,
             details={"path": str(path), "format": info["format"], "size": path.stat().st_size, **origin},
+            stable_id=f"sha256:{sha}",
         )
 
     def _newest_image_named(self, pattern: str) -> str:
@@ -181,6 +183,7 @@ class LocalCloud:
             digest=primary["sha256"],
             ssh_user=ssh_user,
             name=meta["name"],
+            stable_id=image_id,  # the kiln image it is: lineage runs through that image's own row
             details={
                 "path": primary["path"],
                 "format": primary["format"],

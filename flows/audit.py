@@ -63,9 +63,10 @@ def audit_subject(image_id: str) -> AuditSubject:
 
 
 def find_repository(recipe: RecipeVersion, repo: str | None = None) -> Repo:
-    """The git repository holding the recorded commit: `repo` if given, else the recorded one when it is a
-    directory here, else the one around the working directory."""
-    candidates = [repo] if repo else [c for c in (recipe.repo, ".") if c and Path(c).is_dir()]
+    """The git repository holding the recorded commit: `repo` if given, else the recorded work tree or repository
+    when it is a directory here, else the one around the working directory."""
+    recorded = (recipe.checkout, recipe.repo, ".")
+    candidates = [repo] if repo else [c for c in dict.fromkeys(recorded) if c and Path(c).is_dir()]
     tried = []
     for candidate in candidates:
         try:

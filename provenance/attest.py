@@ -3,6 +3,10 @@ signed as a DSSE envelope with an ed25519 key the user owns, and the verificatio
 
 Subjects are the image's disk files by sha256 (named by cloud and image id) and, for the build's cloud images
 that have no file (an AMI, a Glance image), the cloud image id itself as the digest value (`kilnCloudImageId`).
+Everything in a statement names things as any host can resolve them: the recipe's source is its repository's
+remote (`git+https://…@commit`, SLSA's convention; a path only when there is no remote, marked local), the base
+its host-independent id, and the byproducts carry the image's package list (its digest, and the list itself when
+it fits). Keys are named as securesystemslib names them, so a standard DSSE verifier needs the public key only.
 Only the public half of a key is ever printed; the private key stays in the user's file.
 """
 
@@ -22,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from kiln.settings import SIGNING_KEY_ENV
-from provenance import lineage
+from provenance import gitinfo, lineage
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -31,6 +35,11 @@ BUILD_TYPE = "https://kiln.dev/build-image/v1"  # what a kiln image build is: re
 BUILDER_ID = "https://kiln.dev/builder/v1"
 CLOUD_ID_DIGEST = "kilnCloudImageId"
 KEY_ENV = SIGNING_KEY_ENV  # path of the ed25519 private key `kiln attest` and the register stage sign with
+PACKAGE_LIST_MEDIA_TYPE = "text/tab-separated-values"
+PACKAGE_LIST_FORMAT = "name<TAB>version<TAB>arch per line, sorted bytewise (LC_ALL=C sort)"
+# The package list travels inside the statement up to this size (a Debian server's ~500 packages: ~20 KiB);
+# beyond it, its digest alone names it.
+PACKAGE_LIST_INLINE_LIMIT = 128 * 1024
 
 
 class AttestationError(RuntimeError):
@@ -102,9 +111,14 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def key_id(public: Ed25519PublicKey) -> str:
-    """sha256 of the raw public key, hex: names the key in the envelope."""
+    """The key's id as securesystemslib computes it, so standard DSSE verifiers match kiln's signatures to the key:
+    sha256 of the canonical JSON of its description (keytype, scheme, the raw public key in hex). Envelopes
+    from kilns that named keys by sha256(raw key) still verify: `kiln attest --verify` tries the key on every
+    signature whatever its keyid."""
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
+    description = {"keytype": "ed25519", "scheme": "ed25519", "keyval": {"public": raw.hex()}}
+    # Canonical JSON (OLPC) of plain ASCII strings is json.dumps with sorted keys and no whitespace.
+    return hashlib.sha256(json.dumps(description, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _public_pem(public: Ed25519PublicKey) -> bytes:
@@ -125,14 +139,13 @@ def statement_for(image_id: str) -> dict[str, Any]:
     base = lineage.ancestors(image.id)[:1] if image.id is not None else []
     dependencies: list[dict[str, Any]] = []
     if recipe.commit:
-        dependencies.append({"uri": f"git+{recipe.repo}" if recipe.repo else recipe.path,
-                             "digest": {"gitCommit": recipe.commit}, "annotations": {"dirty": recipe.dirty}})
+        dependencies.append(_source(recipe))
     dependencies.append({"name": f"recipe:{recipe.path}", "digest": {"sha256": recipe.fingerprint}})
     if base:
-        parent = base[0].image
-        dependencies.append({"name": f"base:{_subject_name(parent.cloud, parent.region, parent.image_id)}",
-                             "digest": _digest(parent.sha256, parent.image_id),
-                             "annotations": {"kind": parent.kind, "status": parent.status}})
+        dependencies.append(_base(base[0].image))
+    probes = [{"name": f"probe:{probe.name}", "annotations": {"kind": probe.kind, "passed": probe.passed}}
+              for probe in detail.probes]
+    packages = _packages(same_build)
     return {
         "_type": STATEMENT_TYPE,
         "subject": [_subject(row) for row in same_build],
@@ -142,8 +155,8 @@ def statement_for(image_id: str) -> dict[str, Any]:
                 "buildType": BUILD_TYPE,
                 "externalParameters": {
                     "recipe": {"name": recipe.name, "version": recipe.version, "path": recipe.path,
-                               "repository": recipe.repo, "commit": recipe.commit, "dirty": recipe.dirty,
-                               "fingerprint": recipe.fingerprint},
+                               "repository": recipe.repo, "local": recipe.repo_local, "commit": recipe.commit,
+                               "dirty": recipe.dirty, "fingerprint": recipe.fingerprint},
                     "target": build.target,
                     "parameters": json.loads(build.parameters_json or "{}"),
                 },
@@ -155,10 +168,7 @@ def statement_for(image_id: str) -> dict[str, Any]:
                 "metadata": _present(  # finishedOn is absent while the build still runs (the register stage)
                     invocationId=build.id, startedOn=_rfc3339(build.started), finishedOn=_rfc3339(build.finished)
                 ),
-                "byproducts": [
-                    {"name": f"probe:{probe.name}", "annotations": {"kind": probe.kind, "passed": probe.passed}}
-                    for probe in detail.probes
-                ],
+                "byproducts": probes + packages,
             },
         },
     }
@@ -176,6 +186,46 @@ def write_statement(image_id: str, key: Ed25519PrivateKey, out: Path) -> dict[st
 def statement_file_name(image_id: str) -> str:
     """IMAGE.intoto.json, with anything but letters, digits, dot, dash and underscore replaced."""
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', image_id)}.intoto.json"
+
+
+def _source(recipe: Any) -> dict[str, Any]:
+    """The recipe's repository at its commit: the remote any host can fetch, the work tree only as an annotation."""
+    annotations: dict[str, Any] = {"dirty": recipe.dirty, "local": recipe.repo_local}
+    if recipe.checkout:
+        annotations["checkout"] = recipe.checkout
+    uri = gitinfo.source_uri(recipe.repo, recipe.commit) if recipe.repo else recipe.path
+    return {"uri": uri, "digest": {"gitCommit": recipe.commit}, "annotations": annotations}
+
+
+def _base(parent: Any) -> dict[str, Any]:
+    """The image the build started from, by the id that is the same on every host."""
+    name = _subject_name(parent.cloud, parent.region, parent.image_id.removeprefix("base:"))
+    return {"name": f"base:{name}", "digest": _digest(parent.sha256, parent.image_id),
+            "annotations": {"imageId": parent.image_id, "cloud": parent.cloud, "kind": parent.kind,
+                            "status": parent.status}}
+
+
+def package_list(packages: list[tuple[str, str, str]]) -> bytes:
+    """An image's package manifest as the statement carries it: one `name<TAB>version<TAB>arch` line per installed
+    package, sorted bytewise (as `LC_ALL=C sort` does), so anyone can recompute its digest from the image."""
+    return b"".join(sorted(f"{name}\t{version}\t{arch}\n".encode() for name, version, arch in packages))
+
+
+def _packages(same_build: list[Any]) -> list[dict[str, Any]]:
+    """The image's package list as a byproduct: its sha256, and the list itself when it fits."""
+    built = next((row for row in same_build if row.kind == "built" and row.id is not None), None)
+    manifest = lineage.packages_of(built.id) if built is not None else []
+    if not manifest:
+        return []
+    listing = package_list(manifest)
+    byproduct: dict[str, Any] = {
+        "name": "packages", "digest": {"sha256": hashlib.sha256(listing).hexdigest()},
+        "mediaType": PACKAGE_LIST_MEDIA_TYPE,
+        "annotations": {"count": len(manifest), "format": PACKAGE_LIST_FORMAT},
+    }
+    if len(listing) <= PACKAGE_LIST_INLINE_LIMIT:
+        byproduct["content"] = base64.b64encode(listing).decode()
+    return [byproduct]
 
 
 def _present(**fields: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The git facts of a recipe (repository, commit, branch, remote, dirtiness), captured with gitpython."""
+"""The git facts of a recipe (repository, commit, branch, remote, dirtiness), captured with gitpython, and the
+URI that names its source on any host (SLSA's `git+<remote>@<commit>`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ class GitInfo:
     def repo(self) -> str | None:
         """What identifies the repository in provenance: its remote when it has one, else its root."""
         return self.remote_url or self.root
+
+    @property
+    def repo_local(self) -> bool:
+        """The repository is known only by a path on this host (no remote, or a remote that is a path)."""
+        return self.repo is not None and is_local_location(self.repo)
 
 
 class GitDirtyError(RuntimeError):
@@ -91,6 +97,26 @@ def strip_credentials(url: str) -> str:
     return urlunsplit(parts._replace(netloc=host))
 
 
+def is_local_location(repo: str) -> bool:
+    """A path or file: URL (only this host can resolve it), not a network remote."""
+    return repo.startswith(("/", "file:", "git+file:")) or ("://" not in repo and ":" not in repo.split("/", 1)[0])
+
+
+def source_uri(repo: str, commit: str | None) -> str:
+    """The repository at a commit as SLSA names a source: git+https://host/path@commit, git+ssh://… for an ssh or
+    scp-like remote, git+file:///path for a repository known only by its path."""
+    if repo.startswith("git+"):
+        uri = repo
+    elif "://" in repo:
+        uri = f"git+{repo}"
+    elif is_local_location(repo):
+        uri = f"git+{Path(repo).as_uri()}"  # capture() records a path remote absolute
+    else:  # scp-like [user@]host:path
+        host, path = repo.split(":", 1)
+        uri = f"git+ssh://{host}/{path.lstrip('/')}"
+    return f"{uri}@{commit}" if commit else uri
+
+
 def _split_by_root(files: list[Path], root: Path) -> tuple[list[str], list[str]]:
     inside: list[str] = []
     outside: list[str] = []
@@ -131,6 +157,9 @@ def _remote_url(repo: Repo) -> str | None:
         if tracking is not None:
             remote = next((r for r in remotes if r.name == tracking.remote_name), remote)
     try:
-        return strip_credentials(remote.url)
+        url = strip_credentials(remote.url)
     except Exception:  # a remote without a url entry
         return None
+    if is_local_location(url) and not url.startswith(("/", "file:", "git+file:")):  # relative to the work tree
+        url = str((Path(repo.working_tree_dir or ".") / url).resolve())
+    return url

@@ -12,7 +12,7 @@ from sqlalchemy import ColumnElement, Select, or_
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, SQLModel, select
 
-from provenance import store
+from provenance import gitinfo, store
 from provenance.graph import ROOT, ancestors_cte, descendants_cte
 from provenance.models import Audit, Build, Image, Package, Probe, RecipeVersion, StepRun
 
@@ -279,11 +279,17 @@ class LineageNode:
                 for key in ("id", "target", "cloud", "region", "trigger", "status", "started", "finished",
                             "kiln_version")
             },
-            "recipe": None if self.recipe is None else {
-                key: _row_dict(self.recipe)[key]
-                for key in ("name", "version", "fingerprint", "repo", "commit", "branch", "dirty", "path")
-            },
+            "recipe": None if self.recipe is None else _recipe_source(self.recipe),
         }
+
+
+def _recipe_source(recipe: RecipeVersion) -> dict[str, Any]:
+    """A recipe version as lineage shows it: its source by the URI any host resolves (SLSA's git+<remote>@commit),
+    the build host's work tree only as `checkout`."""
+    data = {key: _row_dict(recipe)[key] for key in ("name", "version", "fingerprint", "repo", "repo_local", "commit",
+                                                    "branch", "dirty", "path", "checkout")}
+    data["source"] = gitinfo.source_uri(recipe.repo, recipe.commit) if recipe.repo else None
+    return data
 
 
 @dataclass(frozen=True)

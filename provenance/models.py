@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, DateTime, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import BigInteger, DateTime, Index, Text, TypeDecorator, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Deterministic constraint names, identical on SQLite and PostgreSQL, so migrations can name them.
@@ -72,6 +72,8 @@ class RecipeVersion(SQLModel, table=True):
     version: str
     fingerprint: str = Field(index=True)  # sha256 of the canonical recipe and every file it references
     repo: str | None = None  # remote URL (credentials stripped), else the repository root; None outside git
+    repo_local: bool = False  # repo is a path only the build host can resolve (no remote, or a path remote)
+    checkout: str | None = None  # the work tree on the build host: an annotation, never part of the identity
     commit: str | None = Field(default=None, index=True)  # None: recipe outside git or no commit yet
     branch: str | None = None  # None when detached
     dirty: bool = False  # the recipe or one of its files modified, staged or untracked
@@ -121,7 +123,16 @@ class StepRun(SQLModel, table=True):
 
 
 class Image(SQLModel, table=True):
-    """An image on a cloud: a base kiln started from, one it built, or a copy/publication of one."""
+    """An image on a cloud: a base kiln started from, one it built, or a copy/publication of one.
+
+    A base is one row whichever host recorded it: its image_id is the cloud's id (AMI, Glance uuid), or for a
+    disk file its content (`base:debian-bookworm@sha256:…` for a bootstrap, `sha256:…` for a file or URL), and
+    the unique index below holds one row per base however many hosts share the database."""
+
+    __table_args__ = (
+        Index("uq_image_base_identity", "cloud", "region", "image_id", "sha256", unique=True,
+              sqlite_where=text("kind = 'base'"), postgresql_where=text("kind = 'base'")),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     cloud: str
@@ -136,7 +147,7 @@ class Image(SQLModel, table=True):
     kind: str = "built"  # IMAGE_KINDS
     status: str = "available"  # IMAGE_STATUSES
     revoked_reason: str | None = Field(default=None, sa_type=Text)
-    path: str = ""  # local file, if any
+    path: str = ""  # local file, if any (a base: where the host that first recorded it cached it, an annotation)
     tags_json: str = Field(default="{}", sa_type=Text)
     created: dt.datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
 

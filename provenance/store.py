@@ -325,6 +325,8 @@ def record_recipe_version(*, name: str, version: str, fingerprint: str, recipe_j
             version=version,
             fingerprint=fingerprint,
             repo=git.repo,
+            repo_local=git.repo_local,
+            checkout=git.root,
             commit=git.commit,
             branch=git.branch,
             dirty=git.dirty,
@@ -593,7 +595,8 @@ def record_image(
     tags: dict | None = None,
     status: str = "available",
 ) -> int:
-    """Record an image; returns its row id. A base is one row per (cloud, region, image_id, sha256), reused."""
+    """Record an image; returns its row id. A base is one row per (cloud, region, image_id, sha256), reused: give
+    a base disk its host-independent id (see models.Image), so every host sharing the database finds the same row."""
     _check(kind, IMAGE_KINDS, "image kind")
     _check(status, IMAGE_STATUSES, "image status")
     with _writing() as session:

@@ -18,6 +18,11 @@ class ResolvedBase:
     image: BaseImage
     row_id: int  # the base's Image row: the parent of what this build makes
 
+    @property
+    def image_id(self) -> str:
+        """The base's id in provenance, the same on every host (a local disk: its content, not its path)."""
+        return self.image.provenance_id
+
 
 @stage("fetch_base")
 def fetch_base(plan: BuildPlan, *, step_log: StepLog) -> ResolvedBase:
@@ -27,26 +32,28 @@ def fetch_base(plan: BuildPlan, *, step_log: StepLog) -> ResolvedBase:
     if spec.file is not None:  # recipe-relative, like every path in a recipe
         spec = spec.model_copy(update={"file": str(plan.recipe.resolve(spec.file))})
     base = plan.cloud.resolve_base(spec, target.ssh_user)
-    step_log(f"base {base.image_id} digest {base.digest}")
+    step_log(f"base {base.provenance_id} digest {base.digest}"
+             + (f" at {base.details['path']}" if base.details.get("path") else ""))
     row_id = _base_row(base)
     status = lineage.image_status(row_id)
     if status in ("revoked", "parent-revoked"):
         raise RevokedBaseError(
-            f"base {base.image_id} is {status} in provenance: choose another base for target {plan.target_name}"
+            f"base {base.provenance_id} is {status} in provenance: choose another base for target {plan.target_name}"
         )
     plan.base_digest = base.digest
     return ResolvedBase(image=base, row_id=row_id)
 
 
 def _base_row(base: BaseImage) -> int:
-    """A base kiln built itself keeps its own row, so lineage runs through it; any other base gets one."""
-    known = lineage.find_image_row(base.cloud, base.details.get("kiln_image_id") or base.image_id, base.region)
+    """A base kiln built itself keeps its own row, so lineage runs through it; any other base gets one, under its
+    host-independent id, which every host sharing the database finds."""
+    known = lineage.find_image_row(base.cloud, base.provenance_id, base.region)
     if known is not None:
         return known
     return store.record_image(
         cloud=base.cloud,
         region=base.region,
-        image_id=base.image_id,
+        image_id=base.provenance_id,
         name=base.name,
         sha256=base.digest,
         path=str(base.details.get("path", "")),

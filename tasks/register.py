@@ -75,7 +75,7 @@ def catalog_entry(plan: BuildPlan, base: ResolvedBase, image: ImageRef, verifica
         "region": image.region,
         "os": verification.os,
         "files": [{"format": f.format, "path": f.path, "size": f.size, "sha256": f.sha256} for f in image.files],
-        "parent": {"image_id": base.image.image_id, "digest": base.image.digest},
+        "parent": {"image_id": base.image_id, "digest": base.image.digest},
         "build_id": plan.build_id,
         "recipe_fingerprint": recipe.fingerprint(),
         "commit": plan.git.commit,
@@ -175,5 +175,5 @@ def register(
     publish_artifacts(plan, entry)
     for each in (image, *copies):
         hand_over(plan, each.image_id)
-    step_log(f"registered {image.image_id} (parent {base.image.image_id}); catalog entry {catalog}")
+    step_log(f"registered {image.image_id} (parent {base.image_id}); catalog entry {catalog}")
     return RegisteredImage(image.image_id, row_id, image.cloud, image.region, str(catalog))

@@ -89,7 +89,8 @@ def test_lineage_of_a_real_chain_in_every_direction_and_format(tmp_path, hello_b
     a = hello_build.image_id
     [a_row] = [s.image for s in lineage.find_image(a) if s.image.image_id == a]
     bootstrap_base = lineage.ancestors(a_row.id)[0].image
-    assert bootstrap_base.kind == "base" and bootstrap_base.image_id.endswith(".qcow2")
+    assert bootstrap_base.kind == "base" and bootstrap_base.path.endswith(".qcow2")
+    assert bootstrap_base.image_id == f"base:debian-bookworm@sha256:{bootstrap_base.sha256}", "the same on any host"
     recipe_b = committed_recipe(tmp_path, child_recipe_text(a))
     built = run_kiln("build", str(recipe_b), "--target", "local", "--json")
     assert built.returncode == 0, built.stdout + built.stderr

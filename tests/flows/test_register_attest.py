@@ -51,9 +51,12 @@ def snapshot_made(tmp_path: Path) -> tuple[BuildPlan, ResolvedBase, ImageRef, Ve
     plan = BuildPlan(build_id=build_id, recipe=recipe, target_name="local", git=git, recipe_version_id=version,
                      cloud=TaggingCloud())  # fmt: skip
     base_sha = hashlib.sha256(build_id.encode()).hexdigest()
-    base_path = str(tmp_path / "bases" / "debian-bookworm.qcow2")
-    base_row = store.record_image(cloud="local", image_id=base_path, sha256=base_sha, kind="base", format="qcow2")
-    base = ResolvedBase(BaseImage(cloud="local", image_id=base_path, digest=base_sha, ssh_user="debian"), base_row)
+    base_path = str(tmp_path / "bases" / "bootstrap" / "debian-bookworm.qcow2")
+    stable = f"base:debian-bookworm@sha256:{base_sha}"
+    base_row = store.record_image(cloud="local", image_id=stable, sha256=base_sha, kind="base", format="qcow2",
+                                  path=base_path)
+    base = ResolvedBase(BaseImage(cloud="local", image_id=base_path, digest=base_sha, ssh_user="debian",
+                                  stable_id=stable, details={"path": base_path}), base_row)
     image_id = f"img-{build_id[:12]}"
     disk = tmp_path / "images" / image_id / "hello-1.0.0.qcow2"
     disk.parent.mkdir(parents=True)
@@ -94,7 +97,13 @@ def test_register_signs_the_statement_next_to_the_image_when_kiln_signing_key_is
     definition = statement["predicate"]["buildDefinition"]
     assert definition["externalParameters"]["recipe"]["fingerprint"] == plan.recipe.fingerprint()
     assert definition["externalParameters"]["recipe"]["commit"] == plan.git.commit
-    assert any(dep.get("name") == f"base:local:{base.image.image_id}" for dep in definition["resolvedDependencies"])
+    [base_dependency] = [dep for dep in definition["resolvedDependencies"] if dep.get("name", "").startswith("base:")]
+    assert base.image_id == f"base:debian-bookworm@sha256:{base.image.digest}"
+    assert base_dependency["annotations"]["imageId"] == base.image_id
+    assert entry["parent"] == {"image_id": base.image_id, "digest": base.image.digest}
+    [packages] = [b for b in statement["predicate"]["runDetails"]["byproducts"] if b["name"] == "packages"]
+    assert base64.b64decode(packages["content"]) == b"bash\t5.2\tamd64\n"  # what verify listed, as recorded
+    assert str(tmp_path) not in json.dumps(definition), "no path of this host names the base or the source"
     metadata = statement["predicate"]["runDetails"]["metadata"]
     assert metadata["invocationId"] == plan.build_id and "finishedOn" not in metadata  # signed before it finished
     assert key.read_text() not in statement_file.read_text()

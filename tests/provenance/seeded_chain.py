@@ -8,6 +8,7 @@ from provenance import store
 from provenance.gitinfo import GitInfo
 
 BASE_SHA = "b" * 64
+BASE_ID = f"base:debian-bookworm@sha256:{BASE_SHA}"  # a bootstrap base, as every host names it
 A_SHA = "a" * 64
 A_RAW_SHA = "e" * 64
 B_SHA = "c" * 64
@@ -47,8 +48,8 @@ def _built(version: int, target: str, cloud: str, image_id: str, parent: int, sh
 
 def seed_chain() -> Chain:
     """Seed the chain through the store's own writers."""
-    base = store.record_image(cloud="local", image_id="/cache/bases/debian-bookworm.qcow2", sha256=BASE_SHA,
-                              kind="base", format="qcow2")
+    base = store.record_image(cloud="local", image_id=BASE_ID, sha256=BASE_SHA, kind="base", format="qcow2",
+                              path="/cache/bases/bootstrap/0123.qcow2")
     ami_base = store.record_image(cloud="ec2", region="us-east-1", image_id="ami-0base", kind="base")
     golden = _version("golden", "1" * 64, "a1" * 20)
     build_a, a = _built(golden, "local", "local", "img-aaaaaaaaaaaa", base, A_SHA)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from typer.testing import CliRunner
 
 from kiln.cli import app
@@ -30,6 +31,10 @@ def narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test here runs as in a 40-column terminal: no message may depend on the width to stay whole."""
     monkeypatch.setenv("COLUMNS", "40")
 
+BASE_ID = "base:debian-bookworm@sha256:" + "b" * 64
+PACKAGES = [("bash", "5.2.15-2+b7", "amd64"), ("apache2", "2.4.62-1~deb12u2", "amd64"), ("tzdata", "2024b-0+deb12u1",
+                                                                                        "all")]
+
 
 @pytest.fixture
 def built(db_url: str, tmp_path: Path) -> dict:
@@ -44,9 +49,11 @@ def built(db_url: str, tmp_path: Path) -> dict:
                                           git=git)
     build = store.start_build(recipe_version_id=version, target="local", cloud="local", trigger="cli",
                               parameters={"recipe": "recipes/hello.yaml", "target": "local", "on_error": "cleanup"})
-    base = store.record_image(cloud="local", image_id="/cache/debian.qcow2", kind="base", sha256="b" * 64)
-    store.record_image(cloud="local", image_id="img-0123456789ab", build_id=build, parent_id=base, format="qcow2",
-                       size=disk.stat().st_size, sha256=sha, path=str(disk))
+    base = store.record_image(cloud="local", image_id=BASE_ID, kind="base", sha256="b" * 64,
+                              path="/home/me/.cache/kiln/bases/bootstrap/0123.qcow2")
+    image_row = store.record_image(cloud="local", image_id="img-0123456789ab", build_id=build, parent_id=base,
+                                   format="qcow2", size=disk.stat().st_size, sha256=sha, path=str(disk))
+    store.record_packages(image_row, PACKAGES)
     store.record_image(cloud="local", image_id="img-0123456789ab.raw", build_id=build, parent_id=base, kind="copy",
                        format="raw", sha256="e" * 64)
     store.record_probe(build, name="port :22", kind="port", passed=True, detail="open", duration=0.2)
@@ -80,10 +87,13 @@ def test_statement_names_the_disk_digest_cloud_ids_recipe_commit_and_build(built
     assert definition["externalParameters"]["recipe"]["commit"] == COMMIT
     assert definition["externalParameters"]["parameters"]["target"] == "local"
     dependencies = definition["resolvedDependencies"]
-    assert dependencies[0] == {"uri": "git+https://git.example.org/images.git", "digest": {"gitCommit": COMMIT},
-                               "annotations": {"dirty": False}}
-    assert {"name": "base:local:/cache/debian.qcow2", "digest": {"sha256": "b" * 64},
-            "annotations": {"kind": "base", "status": "available"}} in dependencies
+    assert dependencies[0] == {"uri": f"git+https://git.example.org/images.git@{COMMIT}",
+                               "digest": {"gitCommit": COMMIT},
+                               "annotations": {"dirty": False, "local": False, "checkout": "/src/images"}}
+    assert {"name": "base:local:debian-bookworm@sha256:" + "b" * 64, "digest": {"sha256": "b" * 64},
+            "annotations": {"imageId": BASE_ID, "cloud": "local", "kind": "base", "status": "available"}
+            } in dependencies
+    assert "/home/me/.cache" not in json.dumps(statement), "a host's cache path names nothing elsewhere"
     run = statement["predicate"]["runDetails"]
     assert run["builder"]["version"] == {"kiln": KILN_VERSION}
     assert run["metadata"]["invocationId"] == built["build"]
@@ -155,7 +165,7 @@ def test_the_private_key_is_owner_only_never_overwritten_and_never_in_the_statem
 
 
 def test_unknown_or_unbuilt_images_cannot_be_attested(built: dict) -> None:
-    for image_id, message in (("img-ffffffffffff", "no image"), ("/cache/debian.qcow2", "did not build")):
+    for image_id, message in (("img-ffffffffffff", "no image"), (BASE_ID, "did not build")):
         result = runner.invoke(app, ["attest", image_id, "--key", str(built["key"])])
         assert result.exit_code == 2 and message in result.stderr, result.output
 
@@ -195,3 +205,65 @@ def test_a_file_that_is_no_envelope_and_an_unwritable_key_path_are_one_line_exit
     result = runner.invoke(app, ["attest", "--generate-key", str(unwritable)])
     assert result.exit_code == 2 and result.stderr.startswith(f"error: {unwritable}: cannot write the key: ")
     assert result.stderr.count("\n") == 1
+
+def test_standard_tools_validate_the_statement_and_verify_it_with_the_public_key_alone(built: dict) -> None:
+    """in_toto_attestation's Statement (and SLSA's provenance proto, strictly) accept the statement, and
+    securesystemslib's DSSE code verifies the envelope given nothing but the public key."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    from google.protobuf import json_format
+    from in_toto_attestation.predicates.provenance.v1 import provenance_pb2
+    from in_toto_attestation.v1 import statement_pb2
+    from in_toto_attestation.v1.resource_descriptor import ResourceDescriptor
+    from in_toto_attestation.v1.statement import Statement
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.exceptions import VerificationError
+    from securesystemslib.signer import SSlibKey
+
+    envelope = json.loads(_attest(built).read_text())
+    public = SSlibKey.from_crypto(load_pem_public_key(built["pub"].read_bytes()))  # its keyid: the standard one
+
+    accepted = Envelope.from_dict(json.loads(json.dumps(envelope))).verify([public], 1)
+
+    assert list(accepted) == [public.keyid] == [envelope["signatures"][0]["keyid"]]
+    payload = base64.b64decode(envelope["payload"])
+    statement = Statement.copy_from_pb(json_format.Parse(payload, statement_pb2.Statement()))
+    statement.validate()
+    predicate = json.loads(payload)["predicate"]
+    provenance = json_format.ParseDict(predicate, provenance_pb2.Provenance())  # unknown fields fail
+    for descriptor in [*provenance.build_definition.resolved_dependencies, *provenance.run_details.byproducts]:
+        ResourceDescriptor.copy_from_pb(descriptor).validate()
+    [packages] = [b for b in predicate["runDetails"]["byproducts"] if b["name"] == "packages"]
+    listing = base64.b64decode(packages["content"])
+    assert listing == b"apache2\t2.4.62-1~deb12u2\tamd64\nbash\t5.2.15-2+b7\tamd64\ntzdata\t2024b-0+deb12u1\tall\n"
+    assert packages["digest"] == {"sha256": hashlib.sha256(listing).hexdigest()}
+    assert packages["annotations"]["count"] == len(PACKAGES)
+
+    statement_dict = json.loads(payload)
+    statement_dict["subject"][0]["digest"]["sha256"] = "0" * 64
+    tampered = {**envelope, "payload": base64.b64encode(json.dumps(statement_dict).encode()).decode()}
+    with pytest.raises(VerificationError):
+        Envelope.from_dict(json.loads(json.dumps(tampered))).verify([public], 1)
+
+
+def test_an_envelope_naming_the_key_by_kilns_old_key_id_still_verifies(built: dict) -> None:
+    key = attest.load_private_key(built["key"])
+    envelope = attest.sign(attest.statement_for("img-0123456789ab"), key)
+    raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    envelope["signatures"][0]["keyid"] = hashlib.sha256(raw).hexdigest()  # how kiln named keys before
+    old = built["tmp"] / "old.intoto.json"
+    old.write_text(json.dumps(envelope))
+
+    result = runner.invoke(app, ["attest", "--verify", str(old), "--pub", str(built["pub"])])
+
+    assert result.exit_code == 0, result.output
+    assert "signature verifies" in result.stdout
+
+
+def test_a_package_list_too_long_to_carry_is_named_by_its_digest_alone(built: dict, monkeypatch) -> None:
+    monkeypatch.setattr(attest, "PACKAGE_LIST_INLINE_LIMIT", 16)
+
+    [packages] = [b for b in attest.statement_for("img-0123456789ab")["predicate"]["runDetails"]["byproducts"]
+                  if b["name"] == "packages"]
+
+    assert "content" not in packages
+    assert packages["digest"]["sha256"] == hashlib.sha256(attest.package_list(PACKAGES)).hexdigest()

@@ -1,13 +1,16 @@
-"""Git capture of a recipe on temporary repositories: clean, dirty, untracked, no repo, detached, remotes."""
+"""Git capture of a recipe on temporary repositories: clean, dirty, untracked, no repo, detached, remotes, and the
+source provenance records for it (the remote any host resolves; a path only when there is none, marked local)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from git import Actor, Repo
 
-from provenance.gitinfo import GitDirtyError, capture, require_clean, strip_credentials
+from provenance import attest, lineage, store
+from provenance.gitinfo import GitDirtyError, GitInfo, capture, require_clean, source_uri, strip_credentials
 
 ME = Actor("Joe Builder", "builder@example.org")
 
@@ -138,3 +141,59 @@ def test_remote_credentials_are_stripped(repo: Repo) -> None:
 )
 def test_strip_credentials(url: str, stripped: str) -> None:
     assert strip_credentials(url) == stripped
+
+
+@pytest.mark.parametrize(
+    ("repo", "uri"),
+    [
+        ("https://git.example.org/team/images.git", "git+https://git.example.org/team/images.git@c0ffee"),
+        ("ssh://git@host.example:2222/x.git", "git+ssh://git@host.example:2222/x.git@c0ffee"),
+        ("git@github.com:org/x.git", "git+ssh://git@github.com/org/x.git@c0ffee"),
+        ("/srv/git/x", "git+file:///srv/git/x@c0ffee"),
+    ],
+)
+def test_the_source_uri_follows_slsas_git_convention(repo: str, uri: str) -> None:
+    assert source_uri(repo, "c0ffee") == uri
+
+
+@pytest.mark.parametrize("origin", ["https://builder:s3cret@git.example.org/team/images.git", "clone-source", None])
+def test_provenance_names_the_source_by_its_remote_and_a_path_only_marked_local(
+    repo: Repo, tmp_path: Path, db_url: str, origin: str | None
+) -> None:
+    """A clone with an https origin records that remote (the clone's path an annotation); a plain clone of a
+    directory, or a repository with no remote at all, records the path, marked local."""
+    if origin is None:
+        checkout = repo
+    else:
+        checkout = repo.clone(tmp_path / "clone")
+        if origin != "clone-source":
+            checkout.remotes.origin.set_url(origin)
+    root = Path(checkout.working_tree_dir).resolve()
+    info = capture(_recipe(checkout), [_script(checkout)])
+    build = _record_a_build(info)
+
+    statement = attest.statement_for(f"img-{build[:12]}")
+    source = statement["predicate"]["buildDefinition"]["resolvedDependencies"][0]
+    recipe = lineage.lineage(f"img-{build[:12]}").to_dict()["recipe"]
+
+    commit = repo.head.commit.hexsha
+    if origin is None or origin == "clone-source":
+        where = Path(checkout.remotes.origin.url if origin else checkout.working_tree_dir).resolve()
+        assert source["uri"] == f"git+file://{where}@{commit}" and source["annotations"]["local"] is True
+        assert (recipe["repo"], recipe["repo_local"]) == (str(where), True)
+    else:
+        assert source["uri"] == f"git+https://git.example.org/team/images.git@{commit}"
+        assert source["annotations"]["local"] is False
+        assert (recipe["repo"], recipe["repo_local"]) == ("https://git.example.org/team/images.git", False)
+        assert "s3cret" not in json.dumps(statement)
+    assert source["digest"] == {"gitCommit": commit}
+    assert source["annotations"]["checkout"] == recipe["checkout"] == str(root)
+    assert recipe["source"] == source["uri"]
+
+
+def _record_a_build(info: GitInfo) -> str:
+    version = store.record_recipe_version(name="webserver", version="1.2.0", fingerprint="f" * 64, recipe_json="{}",
+                                          git=info)
+    build = store.start_build(recipe_version_id=version, target="local", cloud="local", trigger="test")
+    store.record_image(cloud="local", image_id=f"img-{build[:12]}", build_id=build, sha256="a" * 64)
+    return build

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from kiln.cli import app
 from provenance import lineage, store
-from tests.provenance.seeded_chain import A_RAW_SHA, A_SHA, BASE_SHA, Chain, seed_chain
+from tests.provenance.seeded_chain import A_RAW_SHA, A_SHA, BASE_ID, BASE_SHA, Chain, seed_chain
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ def _ids(nodes: list[lineage.LineageNode]) -> list[str]:
 def test_ancestors_run_from_the_parent_up_to_the_root(chain: Chain) -> None:
     found = lineage.lineage("img-cccccccccccc", down=False, siblings=False)
 
-    assert _ids(found.ancestors) == ["img-bbbbbbbbbbbb", "img-aaaaaaaaaaaa", "/cache/bases/debian-bookworm.qcow2"]
+    assert _ids(found.ancestors) == ["img-bbbbbbbbbbbb", "img-aaaaaaaaaaaa", BASE_ID]
     assert [node.depth for node in found.ancestors] == [1, 2, 3]
     assert found.descendants is None and found.siblings is None
     b = found.ancestors[0]
@@ -38,7 +38,7 @@ def test_ancestors_run_from_the_parent_up_to_the_root(chain: Chain) -> None:
 
 
 def test_descendants_reach_every_depth_with_their_parents(chain: Chain) -> None:
-    found = lineage.lineage("/cache/bases/debian-bookworm.qcow2", up=False, siblings=False)
+    found = lineage.lineage(BASE_ID, up=False, siblings=False)
 
     assert [(n.image.image_id, n.depth) for n in found.descendants] == [
         ("img-aaaaaaaaaaaa", 1), ("img-aaaaaaaaaaaa.raw", 1), ("img-bbbbbbbbbbbb", 2), ("img-cccccccccccc", 3),
@@ -74,10 +74,11 @@ def test_lineage_json_names_build_commit_fingerprint_base_and_children(chain: Ch
     assert data["image"]["image_id"] == "img-aaaaaaaaaaaa" and data["image"]["sha256"] == A_SHA
     assert data["build"]["id"] == chain.build_a and data["build"]["target"] == "local"
     assert data["recipe"] == {"name": "golden", "version": "1.0.0", "fingerprint": "1" * 64,
-                              "repo": "/src/images", "commit": "a1" * 20, "branch": "main", "dirty": False,
-                              "path": "recipes/golden.yaml"}
-    assert data["base"]["image_id"] == "/cache/bases/debian-bookworm.qcow2" and data["base"]["kind"] == "base"
-    assert [n["image_id"] for n in data["ancestors"]] == ["/cache/bases/debian-bookworm.qcow2"]
+                              "repo": "/src/images", "repo_local": True, "commit": "a1" * 20, "branch": "main",
+                              "dirty": False, "path": "recipes/golden.yaml", "checkout": "/src/images",
+                              "source": f"git+file:///src/images@{'a1' * 20}"}
+    assert data["base"]["image_id"] == BASE_ID and data["base"]["kind"] == "base"
+    assert [n["image_id"] for n in data["ancestors"]] == [BASE_ID]
     assert data["children"] == ["img-bbbbbbbbbbbb"]
     assert [(n["image_id"], n["depth"]) for n in data["descendants"]] == [
         ("img-bbbbbbbbbbbb", 1), ("img-cccccccccccc", 2)]
@@ -88,7 +89,7 @@ def test_lineage_flags_limit_the_directions(chain: Chain) -> None:
     result = runner.invoke(app, ["lineage", "img-bbbbbbbbbbbb", "--up", "--format", "json"])
 
     data = json.loads(result.stdout)
-    assert [n["image_id"] for n in data["ancestors"]] == ["img-aaaaaaaaaaaa", "/cache/bases/debian-bookworm.qcow2"]
+    assert [n["image_id"] for n in data["ancestors"]] == ["img-aaaaaaaaaaaa", BASE_ID]
     assert "descendants" not in data and "siblings" not in data and "children" not in data
 
 
@@ -98,11 +99,11 @@ def test_lineage_tree_shows_the_chain_the_image_its_descendants_and_siblings(cha
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     position = {image: next(i for i, line in enumerate(lines) if image in line and "sha256" in line)
-                for image in ("debian-bookworm.qcow2", "img-aaaaaaaaaaaa ", "img-bbbbbbbbbbbb", "img-cccccccccccc")}
+                for image in ("base:debian-bookworm@", "img-aaaaaaaaaaaa ", "img-bbbbbbbbbbbb", "img-cccccccccccc")}
     assert list(position.values()) == sorted(position.values()), result.stdout  # root first, then down
     assert "▶" in lines[position["img-aaaaaaaaaaaa "]]
     indent = {image: len(lines[i]) - len(lines[i].lstrip(" │└├─▶")) for image, i in position.items()}
-    assert indent["debian-bookworm.qcow2"] < indent["img-aaaaaaaaaaaa "] < indent["img-bbbbbbbbbbbb"] \
+    assert indent["base:debian-bookworm@"] < indent["img-aaaaaaaaaaaa "] < indent["img-bbbbbbbbbbbb"] \
         < indent["img-cccccccccccc"]
     assert "golden@1.0.0" in result.stdout and "commit a1a1a1a1a1" in result.stdout
     assert "siblings" in result.stdout and "ami-0sibling" in result.stdout
