@@ -297,7 +297,8 @@ def run_kiln(workload: Workload, build_in: str, tmp: Path, api_url: str | None) 
     a running Prefect server's; None: the build starts Prefect's temporary server, as a bare `kiln build` does."""
     recipe = kiln_recipe(workload, build_in, tmp / "recipe")
     home = tmp / "kiln-home"
-    env = {**os.environ, "KILN_HOME": str(home), "KILN_CACHE": str(cold_cache(tmp / "kiln-cache"))}
+    cache = cold_cache(tmp / "kiln-cache")
+    env = {**os.environ, "KILN_HOME": str(home), "KILN_CACHE": str(cache), "KILN_LAYER_CACHE": str(cache / "layers")}
     env.pop("PREFECT_API_URL", None)
     if api_url:
         env["PREFECT_API_URL"] = api_url
