@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
-from prefect.runtime import deployment
+from prefect.runtime import deployment, flow_run
 
 from clouds import open_cloud
 from flows.build import build_image
@@ -115,7 +116,21 @@ def nightly_rebuild(
     for decision in decisions:
         logger.info("%s %s: %s (%s)%s", decision.recipe, decision.target, decision.action, decision.reason,
                     f" → {decision.status}" if decision.status else "")
+    report_night(decisions)
     return [asdict(d) for d in decisions]
+
+
+def report_night(decisions: list[NightlyDecision]) -> None:
+    """The night as a table on the run's page: what was rebuilt or skipped, and why (none outside a run)."""
+    if flow_run.id is None:
+        return
+    create_table_artifact(
+        key="kiln-nightly-rebuild",
+        table=[{"recipe": d.recipe, "target": d.target, "action": d.action, "reason": d.reason,
+                "status": d.status or "", "build": d.build_id or ""} for d in decisions]
+        or [{"recipe": "", "target": "", "action": "", "reason": "no recipe found", "status": "", "build": ""}],
+        description="kiln nightly-rebuild: one row per recipe and target",
+    )
 
 
 def submit_builds(stale: list[NightlyDecision]) -> None:
