@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from clouds import open_cloud
 from flows.limits import limit_name_for, vm_slot
+from flows.trigger import trigger_of_this_run
 from kiln import settings
 from kiln.recipe import Target, load_recipe
 from provenance import attest, gitinfo, lineage, store
@@ -127,10 +128,12 @@ def _release_on_hook(flow, run, state) -> None:  # noqa: ANN001 - Prefect's hook
     on_crashed=[_release_on_hook],
 )
 def build_image(
-    recipe: str, target: str, on_error: OnError = "cleanup", trigger: str = "cli", require_clean: bool = False
+    recipe: str, target: str, on_error: OnError = "cleanup", trigger: str | None = None, require_clean: bool = False
 ) -> dict:
-    """One target's image: fetch base → launch → wait boot → customize → sanitize → snapshot → verify → register."""
-    plan = prepare(recipe, target, trigger=trigger, on_error=on_error, require_clean=require_clean)
+    """One target's image: fetch base → launch → wait boot → customize → sanitize → snapshot → verify → register.
+    `trigger` is for kiln's own callers (build-recipe, audit); None reads it from the run (flows/trigger.py)."""
+    plan = prepare(recipe, target, trigger=trigger or trigger_of_this_run(), on_error=on_error,
+                   require_clean=require_clean)
     _ACTIVE[str(flow_run.id)] = plan
     try:
         base = fetch_base(plan)
@@ -188,9 +191,10 @@ def targets_of(request: BuildRequest) -> list[str]:
 
 
 @flow(name="build-recipe")
-def build_recipe(request: BuildRequest, trigger: str = "ui") -> list[dict]:
+def build_recipe(request: BuildRequest) -> list[dict]:
     """Every requested target concurrently; one failing target does not stop the others."""
     targets = targets_of(request)
+    trigger = trigger_of_this_run()  # not a parameter: the run itself says how it was started
     pool = ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="kiln-target")
     # Each target's thread runs in a copy of this context: its build-image run is a subflow of this run, and it
     # sees the caller's Prefect settings.

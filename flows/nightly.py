@@ -109,7 +109,7 @@ def nightly_rebuild(
         wait_for_builds(stale)
     else:
         for decision in stale:
-            state = build_image(decision.recipe, decision.target, trigger="schedule", return_state=True)
+            state = build_image(decision.recipe, decision.target, return_state=True)  # trigger: this run's
             build = lineage.build_for_flow_run(str(state.state_details.flow_run_id))
             decision.build_id = build.id if build else None
             decision.status = build.status if build else "failed"
@@ -138,7 +138,7 @@ def submit_builds(stale: list[NightlyDecision]) -> None:
     for decision in stale:
         run = run_deployment(
             BUILD_DEPLOYMENT,
-            parameters={"request": {"recipe": decision.recipe, "targets": [decision.target]}, "trigger": "schedule"},
+            parameters={"request": {"recipe": decision.recipe, "targets": [decision.target]}},
             flow_run_name=f"nightly {Path(decision.recipe).stem} {decision.target}",
             timeout=0,
         )

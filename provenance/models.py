@@ -27,7 +27,7 @@ SQLModel.metadata.naming_convention = {
 
 BUILD_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "interrupted")
 STEP_STATUSES = ("running", "succeeded", "failed", "cancelled", "skipped", "interrupted")
-TRIGGERS = ("cli", "ui", "schedule", "audit", "test")
+TRIGGERS = ("cli", "ui", "schedule", "automation", "audit", "test")  # ui: the Prefect UI or its API
 IMAGE_KINDS = ("base", "built", "copy", "published")
 IMAGE_STATUSES = ("available", "revoked", "deleted", "parent-revoked")
 AUDIT_STATUSES = ("running", "passed", "differs", "failed")

@@ -43,7 +43,7 @@ def test_each_stale_target_becomes_its_own_build_image_run(build_deployment, tmp
         deployment = client.read_deployment_by_name(nightly.BUILD_DEPLOYMENT)
         assert {run.deployment_id for run in runs} == {deployment.id}
         assert [run.parameters for run in runs] == [
-            {"request": {"recipe": d.recipe, "targets": [d.target]}, "trigger": "schedule"} for d in stale
+            {"request": {"recipe": d.recipe, "targets": [d.target]}} for d in stale
         ]
         assert all(run.state.is_scheduled() for run in runs), "submitted, not run here: a worker takes them"
         # the workers' part: two finish, one crashes before recording a build
