@@ -73,7 +73,7 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
         name=recipe.name,
         version=recipe.version,
         fingerprint=recipe.fingerprint(),
-        recipe_json=json.dumps(recipe.model_dump(mode="json"), sort_keys=True),
+        recipe_json=json.dumps(recipe.stored_form(), sort_keys=True),
         git=git,
     )
     spec = recipe.targets[target]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 
 from clouds.base import BaseImage
 from provenance import lineage, store
+from provenance.models import Image
 from tasks.common import BuildPlan, StepLog, stage
 
 
@@ -29,12 +34,25 @@ def fetch_base(plan: BuildPlan, *, step_log: StepLog) -> ResolvedBase:
     base = plan.cloud.resolve_base(spec, target.ssh_user)
     step_log(f"base {base.image_id} digest {base.digest}")
     row_id = _base_row(base)
-    status = lineage.image_status(row_id)
-    if status in ("revoked", "parent-revoked"):
+    store.mark_expired_images(row_id=row_id)
+    row = lineage.image_row(row_id)
+    if row.status in ("revoked", "parent-revoked"):
         raise RevokedBaseError(
-            f"base {base.image_id} is {status} in provenance: choose another base for target {plan.target_name}"
+            f"base {base.image_id} is {row.status} in provenance: choose another base for target {plan.target_name}"
         )
+    if row.status == "expired":
+        warn_expired_base(plan, row, step_log)
     return ResolvedBase(image=base, row_id=row_id)
+
+
+def warn_expired_base(plan: BuildPlan, row: Image, step_log: StepLog) -> None:
+    """An expired base still builds (unlike a revoked one), but the build says so, in its log and Prefect's."""
+    until = row.valid_until.isoformat(timespec="seconds") if row.valid_until else "an earlier date"
+    message = (f"warning: base {row.image_id} expired on {until} (its recipe's valid_for): rebuild it, or "
+               f"choose a newer base for target {plan.target_name}")
+    step_log(message)
+    with contextlib.suppress(MissingContextError):  # no Prefect run: the step log is all there is
+        get_run_logger().warning("%s", message)
 
 
 def _base_row(base: BaseImage) -> int:

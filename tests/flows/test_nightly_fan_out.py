@@ -60,7 +60,7 @@ def test_each_stale_target_becomes_its_own_build_image_run(build_deployment, tmp
 
 def test_nightly_fans_out_when_asked_and_reports_skips_with_their_reason(monkeypatch, tmp_path: Path):
     submitted: list[list[NightlyDecision]] = []
-    monkeypatch.setattr(nightly, "plan_night", lambda directory, targets: [
+    monkeypatch.setattr(nightly, "plan_night", lambda directory, targets, margin: [
         NightlyDecision("recipes/a.yaml", "local", "rebuild", "stale"),
         NightlyDecision("recipes/b.yaml", "local", "skip", "up to date"),
     ])  # fmt: skip
