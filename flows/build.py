@@ -27,6 +27,7 @@ from tasks.common import BuildPlan, describe, release_open
 from tasks.customize import customize
 from tasks.fetch_base import fetch_base
 from tasks.launch import keep_for_debugging, launch
+from tasks.notify import notify_finished_build, notify_settings_problem
 from tasks.register import register
 from tasks.sanitize import sanitize
 from tasks.snapshot import snapshot
@@ -64,8 +65,8 @@ def prepare(recipe_path: str, target: str, *, trigger: str, on_error: str, requi
     recipe = load_recipe(recipe_path)
     if target not in recipe.targets:
         raise BadInput(f"{recipe_path}: targets.{target}: no such target (have: {', '.join(recipe.targets)})")
-    if problem := attest.signing_key_problem():
-        raise BadInput(problem)  # the register stage would sign with it: fail before anything launches
+    if problem := attest.signing_key_problem() or notify_settings_problem():
+        raise BadInput(problem)  # a key register would sign with, a URL nobody could be told at: before launching
     git = gitinfo.capture(recipe.path, recipe.referenced_files())
     if require_clean:
         gitinfo.require_clean(git)
@@ -150,9 +151,11 @@ def build_image(
         registered = register(plan, base, image, verification)
     except BaseException as exc:
         conclude_failure(plan, exc)
+        notify_finished_build(plan)
         raise
     store.finish_build(plan.build_id, "succeeded")
     _ACTIVE.pop(str(flow_run.id), None)
+    notify_finished_build(plan)
     return asdict(TargetResult(target, plan.build_id, "succeeded", registered.image_id, "register"))
 
 
@@ -185,7 +188,7 @@ def targets_of(request: BuildRequest) -> list[str]:
     unknown = [t for t in targets if t not in recipe.targets]
     if unknown:
         raise BadInput(f"{request.recipe}: targets.{unknown[0]}: no such target (have: {', '.join(recipe.targets)})")
-    if problem := attest.signing_key_problem():
+    if problem := attest.signing_key_problem() or notify_settings_problem():
         raise BadInput(problem)
     return targets
 

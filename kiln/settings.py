@@ -49,3 +49,12 @@ def database_url() -> str:
     """KILN_DATABASE_URL (any SQLAlchemy URL), else SQLite in the data directory."""
     url = os.environ.get("KILN_DATABASE_URL")
     return url if url else f"sqlite:///{data_dir() / 'kiln.db'}"
+
+
+NOTIFY_ENV = "KILN_NOTIFY"
+
+
+def notify_urls() -> list[str]:
+    """KILN_NOTIFY: notification URLs in apprise's syntax, separated by spaces, told of every finished build on
+    this host (secrets such as tokens belong here, in the host's environment, not in recipes)."""
+    return os.environ.get(NOTIFY_ENV, "").split()
