@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from prefect import flow
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -23,6 +25,7 @@ from flows.trigger import trigger_of_this_run
 from kiln import settings
 from kiln.recipe import Target, load_recipe
 from provenance import attest, gitinfo, lineage, store
+from tasks.artifacts import build_summary_rows
 from tasks.common import BuildPlan, describe, release_open
 from tasks.customize import customize
 from tasks.fetch_base import fetch_base
@@ -222,7 +225,15 @@ def build_recipe(request: BuildRequest) -> list[dict]:
         raise
     finally:
         pool.shutdown(wait=False)
-    return [asdict(_result(target, future.result())) for target, future in states.items()]
+    results = [asdict(_result(target, future.result())) for target, future in states.items()]
+    create_table_artifact(key=f"kiln-{artifact_key(request)}-summary", table=build_summary_rows(results),
+                          description=f"kiln build of {request.recipe}: one row per target")  # fmt: skip
+    return results
+
+
+def artifact_key(request: BuildRequest) -> str:
+    """The recipe's name as a Prefect artifact key (lowercase letters, digits and dashes)."""
+    return re.sub(r"[^a-z0-9-]+", "-", load_recipe(request.recipe).name).strip("-") or "recipe"
 
 
 def cancel_active_builds() -> None:

@@ -134,6 +134,12 @@ def nightly_rebuild(
 
     Under a deployment (or with fan_out=True) each stale recipe × target becomes its own run of the
     build-image deployment, so the builds spread over every worker of the pool; otherwise they run here.
+
+    Args:
+        recipes_dir: Directory of recipes (relative to the kiln checkout), every *.yaml in it.
+        targets: Only these targets of each recipe; empty: all.
+        fan_out: One build-image run per stale target (default under a deployment) or all builds in this run.
+        expiry_margin: Rebuild an image this long before its validity ends (90m, 36h, 7d, 2w).
     """
     logger = get_run_logger()
     for expired in store.mark_expired_images():

@@ -13,6 +13,7 @@ from clouds.base import TAG_ROLE, TAG_VALID_UNTIL, ImageRef
 from kiln import settings
 from kiln.recipe import valid_until as end_of_validity
 from provenance import attest, store
+from tasks.artifacts import ancestry_markdown
 from tasks.common import BuildPlan, StepLog, describe, hand_over, ledgered, stage
 from tasks.fetch_base import ResolvedBase
 from tasks.verify import Verification
@@ -99,7 +100,7 @@ def write_catalog(entry: dict) -> Path:
     return path
 
 
-def publish_artifacts(plan: BuildPlan, entry: dict) -> None:
+def publish_artifacts(plan: BuildPlan, entry: dict, row_id: int) -> None:
     key = f"kiln-{plan.recipe.name}-{plan.target_name}".lower().replace(".", "-").replace("_", "-")
     probes = "\n".join(f"| {p['name']} | {'passed' if p['passed'] else 'FAILED'} |" for p in entry["probes"])
     create_markdown_artifact(
@@ -108,9 +109,11 @@ def publish_artifacts(plan: BuildPlan, entry: dict) -> None:
         markdown=(
             f"# {plan.recipe.name} {plan.recipe.version} → `{entry['identifier']}`\n\n"
             f"- target: **{plan.target_name}** ({entry['cloud']} {entry['region']})\n"
-            f"- build: `{plan.build_id}`\n- commit: `{entry['commit']}`{' (dirty)' if entry['dirty'] else ''}\n"
-            f"- recipe fingerprint: `{entry['recipe_fingerprint']}`\n"
-            f"- base: `{entry['parent']['image_id']}` ({entry['parent']['digest']})\n- os: {entry['os']}\n\n"
+            f"- build: `{plan.build_id}` (`kiln show {plan.build_id}`)\n"
+            f"- commit: `{entry['commit']}`{' (dirty)' if entry['dirty'] else ''}\n"
+            f"- recipe fingerprint: `{entry['recipe_fingerprint']}`\n- os: {entry['os']}\n"
+            f"- valid for {entry['valid_for']}, until {entry['valid_until']}\n\n"
+            f"{ancestry_markdown(row_id)}\n"
             f"| probe | result |\n|---|---|\n{probes}\n"
         ),
     )
@@ -197,7 +200,7 @@ def register(
     if statement is not None:
         entry["attestation"] = str(statement)
     catalog = write_catalog(entry)
-    publish_artifacts(plan, entry)
+    publish_artifacts(plan, entry, row_id)
     for each in (image, *copies):
         hand_over(plan, each.image_id)
     step_log(f"registered {image.image_id} (parent {base.image.image_id}); catalog entry {catalog}")

@@ -95,7 +95,11 @@ def test_prefect_yaml_deploys_every_deployment_into_the_kiln_pool(front_door: Fr
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.schedules[0].schedule.timezone == "UTC"
     assert nightly.entrypoint == "flows.nightly:nightly_rebuild"
-    assert names == {"build-image", "nightly-rebuild", "audit", "reaper"}
+    assert names == {"build-image", "nightly-rebuild", "audit", "reaper", "lineage"}
+    assert build.parameters["request"]["recipe"] == "recipes/hello.yaml" and "trigger" not in build.parameters
+    assert "trigger" not in build.parameter_openapi_schema["properties"]
+    lineage_form = client_read_lineage(front_door).parameter_openapi_schema["properties"]["image_id"]
+    assert "AMI" in lineage_form["description"]
     assert pool.type == "process"
     assert pool.base_job_template["variables"]["properties"]["stream_output"]["default"] is False
     assert reaper.entrypoint == "flows.reaper:reaper"
@@ -154,3 +158,97 @@ def night_report(client, flow_run_id) -> list[dict]:  # noqa: ANN001 - a Prefect
     [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
         any_=[flow_run_id])))
     return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+def client_read_lineage(door: FrontDoor):  # noqa: ANN201 - a Prefect Deployment
+    with _client(door) as client:
+        return client.read_deployment_by_name("lineage/lineage")
+
+
+def run_through_the_worker(door: FrontDoor, deployment: str, parameters: dict, timeout: float = 240):  # noqa: ANN201
+    """A run created through the API, as the UI's Run button does, taken by the module's worker."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: door.api_url}):
+        run = run_deployment(deployment, parameters=parameters, timeout=timeout, poll_interval=1, as_subflow=False)
+    assert run.state is not None and run.state.is_completed(), (run.state, door.worker_log()[-3000:])
+    return run
+
+
+def artifacts_of(door: FrontDoor, flow_run_id) -> list:  # noqa: ANN001
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with _client(door) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
+def test_a_worker_build_records_trigger_ui_summarises_its_targets_and_notifies_the_failed_stage(
+    front_door: FrontDoor, tmp_path: Path
+):
+    from provenance import lineage
+    from tests.flows.test_notify import unknown_base_recipe
+    from tests.webhook import webhook
+
+    with webhook() as hook:
+        recipe = unknown_base_recipe(tmp_path, "worker-fails", notify=[hook.url("worker")])
+        run = run_through_the_worker(front_door, "build-recipe/build-image",
+                                     {"request": {"recipe": str(recipe), "targets": ["local"]}})  # fmt: skip
+        [message] = hook.messages("worker", wait=10)
+
+    [summary] = [a for a in artifacts_of(front_door, run.id) if a.key == "kiln-worker-fails-summary"]
+    [row] = json.loads(summary.data) if isinstance(summary.data, str) else summary.data
+    build = lineage.get_build(row["details"].removeprefix("kiln show ")).build
+    assert (row["target"], row["status"], row["stage"], row["image"]) == ("local", "failed", "fetch_base", "")
+    assert "img-000000000000 is not a local kiln image" in row["error"] and row["duration"].endswith(" s")
+    assert (build.trigger, build.status, build.stage) == ("ui", "failed", "fetch_base")
+    assert json.loads(build.parameters_json)["worker"], "run by the worker"
+    assert message["type"] == "failure"
+    assert message["title"] == "kiln: worker-fails 1.0.0 FAILED for local at fetch_base"
+    assert f"kiln show {build.id} --logs" in message["message"]
+
+
+def test_the_lineage_deployment_names_what_kiln_lineage_json_names(front_door: FrontDoor):
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+    from tests.provenance.seeded_chain import seed_chain
+
+    seed_chain()  # in the session's database, which the worker's runs read
+    expected = json.loads(CliRunner().invoke(app, ["lineage", "img-aaaaaaaaaaaa", "--format", "json"]).stdout)
+
+    run = run_through_the_worker(front_door, "lineage/lineage", {"image_id": "img-aaaaaaaaaaaa"})
+
+    [artifact] = [a for a in artifacts_of(front_door, run.id) if a.key == "kiln-lineage-img-aaaaaaaaaaaa"]
+    sections = markdown_sections(artifact.data)
+    assert sections["title"] == ["# Lineage of `img-aaaaaaaaaaaa`"]
+    for title, nodes in (("Ancestors (nearest first)", expected["ancestors"]),
+                         ("Children", [d for d in expected["descendants"] if d["depth"] == 1]),
+                         ("Further descendants", [d for d in expected["descendants"] if d["depth"] > 1]),
+                         ("Siblings (same recipe version or same bits)", expected["siblings"])):  # fmt: skip
+        assert len(sections[title]) == max(len(nodes), 1), (title, sections[title])
+        for line, node in zip(sections[title], nodes, strict=False):
+            assert named(line, node), (title, line, node["image_id"])
+    assert [d["image_id"] for d in expected["siblings"]] == ["img-aaaaaaaaaaaa.raw", "ami-0sibling"]
+    assert expected["children"] == ["img-bbbbbbbbbbbb"]
+
+
+def markdown_sections(markdown: str) -> dict[str, list[str]]:
+    """The artifact's lines by section: "title" for the heading, then each "## …" section's list items."""
+    sections: dict[str, list[str]] = {"title": []}
+    current = "title"
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            current = line.removeprefix("## ")
+            sections[current] = []
+        elif line.startswith("# ") or (line.startswith(("- ", "None.")) and current != "title"):
+            sections[current].append(line)
+    return sections
+
+
+def named(line: str, node: dict) -> bool:
+    """Whether a markdown item names this image: its id, or for a base known by a host path, its digest."""
+    if node["kind"] == "base" and node["image_id"].startswith("/"):
+        return f"sha256 {node['sha256'][:16]}" in line and node["image_id"] not in line
+    return line.startswith(f"- `{node['image_id']}`")
