@@ -40,7 +40,7 @@ def node_markdown(node: LineageNode) -> str:
         parts.append(f"**{image.status}**" + (f" ({image.revoked_reason})" if image.revoked_reason else ""))
     if recipe is not None:
         commit = (recipe.commit or "no commit")[:12] + (" (dirty)" if recipe.dirty else "")
-        parts.append(f"recipe {recipe.name}@{recipe.version}, commit `{commit}`")
+        parts.append(f"recipe {recipe.name} {recipe.version}, commit `{commit}`")  # name@version: a mailto link
     if build is not None:
         link = flow_run_link(build.flow_run_id)
         label = f"build {build.id[:8]}"

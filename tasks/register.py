@@ -108,7 +108,7 @@ def publish_artifacts(plan: BuildPlan, entry: dict, row_id: int) -> None:
         description=f"kiln build {plan.build_id}",
         markdown=(
             f"# {plan.recipe.name} {plan.recipe.version} → `{entry['identifier']}`\n\n"
-            f"- target: **{plan.target_name}** ({entry['cloud']} {entry['region']})\n"
+            f"- target: **{plan.target_name}** ({' '.join(filter(None, (entry['cloud'], entry['region'])))})\n"
             f"- build: `{plan.build_id}` (`kiln show {plan.build_id}`)\n"
             f"- commit: `{entry['commit']}`{' (dirty)' if entry['dirty'] else ''}\n"
             f"- recipe fingerprint: `{entry['recipe_fingerprint']}`\n- os: {entry['os']}\n"
