@@ -20,6 +20,7 @@ TAG_RECIPE = "kiln:recipe"
 TAG_RECIPE_VERSION = "kiln:recipe-version"
 TAG_COMMIT = "kiln:commit"
 TAG_ROLE = "kiln:role"  # build | verify | image
+TAG_VALID_UNTIL = "kiln:valid-until"  # on images: the end of the recipe's valid_for (ISO 8601, UTC)
 
 
 class CloudError(RuntimeError):

@@ -544,6 +544,15 @@ class EC2Cloud:
         now = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
         self.ec2(region).enable_image_deprecation(ImageId=image.image_id, DeprecateAt=now + dt.timedelta(minutes=1))
 
+    def set_expiry(self, image: ImageRef, valid_until: dt.datetime) -> dt.datetime:
+        """The AMI's DeprecationTime at the end of its validity (EC2 keeps whole minutes: the next one); EC2 then
+        hides it from launch wizards and from other accounts' listings. Returns the time set."""
+        at = valid_until.astimezone(dt.UTC)
+        if at.second or at.microsecond:
+            at = at.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
+        self.ec2(image.region or self.region).enable_image_deprecation(ImageId=image.image_id, DeprecateAt=at)
+        return at
+
     def delete_image(self, image: ImageRef) -> None:
         """Deregister the AMI, then delete its snapshots; what is gone already is success."""
         region = image.region or self.region

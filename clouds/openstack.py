@@ -39,6 +39,7 @@ from clouds.base import (
     TAG_RECIPE,
     TAG_RECIPE_VERSION,
     TAG_ROLE,
+    TAG_VALID_UNTIL,
     BaseImage,
     CloudError,
     ImageRef,
@@ -58,6 +59,7 @@ GLANCE_PROPERTIES = {
     TAG_RECIPE_VERSION: "kiln_recipe_version",
     TAG_COMMIT: "kiln_commit",
     TAG_ROLE: "kiln_role",
+    TAG_VALID_UNTIL: "kiln_valid_until",
 }
 SHA256_PROPERTY = "kiln_sha256"  # the sha256 of the bits kiln uploaded (publish), as provenance records it
 UUID = re.compile(r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$", re.IGNORECASE)

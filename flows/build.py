@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -14,18 +15,22 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from prefect import flow
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from clouds import open_cloud
 from flows.limits import limit_name_for, vm_slot
+from flows.trigger import trigger_of_this_run
 from kiln import settings
 from kiln.recipe import load_recipe, recorded_target
 from provenance import attest, gitinfo, lineage, store
+from tasks.artifacts import build_summary_rows
 from tasks.common import BuildPlan, describe, release_open
 from tasks.customize import customize
 from tasks.fetch_base import fetch_base
 from tasks.launch import keep_for_debugging, launch
+from tasks.notify import notify_finished_build, notify_settings_problem
 from tasks.register import register
 from tasks.sanitize import sanitize
 from tasks.snapshot import snapshot
@@ -65,8 +70,8 @@ def prepare(
     recipe = load_recipe(recipe_path)
     if target not in recipe.targets:
         raise BadInput(f"{recipe_path}: targets.{target}: no such target (have: {', '.join(recipe.targets)})")
-    if problem := attest.signing_key_problem():
-        raise BadInput(problem)  # the register stage would sign with it: fail before anything launches
+    if problem := attest.signing_key_problem() or notify_settings_problem():
+        raise BadInput(problem)  # a key register would sign with, a URL nobody could be told at: before launching
     git = gitinfo.capture(recipe.path, recipe.referenced_files())
     if require_clean:
         gitinfo.require_clean(git)
@@ -74,7 +79,7 @@ def prepare(
         name=recipe.name,
         version=recipe.version,
         fingerprint=recipe.fingerprint(),
-        recipe_json=json.dumps(recipe.model_dump(mode="json"), sort_keys=True),
+        recipe_json=json.dumps(recipe.stored_form(), sort_keys=True),
         git=git,
     )
     spec = recipe.targets[target]
@@ -133,13 +138,14 @@ def build_image(
     recipe: str,
     target: str,
     on_error: OnError = "cleanup",
-    trigger: str = "cli",
+    trigger: str | None = None,
     require_clean: bool = False,
     use_cache: bool = True,
 ) -> dict:
-    """One target's image: fetch base → launch → wait boot → customize → sanitize → snapshot → verify → register."""
-    plan = prepare(recipe, target, trigger=trigger, on_error=on_error, require_clean=require_clean,
-                   use_cache=use_cache)  # fmt: skip
+    """One target's image: fetch base → launch → wait boot → customize → sanitize → snapshot → verify → register.
+    `trigger` is for kiln's own callers (build-recipe, audit); None reads it from the run (flows/trigger.py)."""
+    plan = prepare(recipe, target, trigger=trigger or trigger_of_this_run(), on_error=on_error,
+                   require_clean=require_clean, use_cache=use_cache)
     _ACTIVE[str(flow_run.id)] = plan
     try:
         base = fetch_base(plan)
@@ -156,9 +162,11 @@ def build_image(
         registered = register(plan, base, image, verification)
     except BaseException as exc:
         conclude_failure(plan, exc)
+        notify_finished_build(plan)
         raise
     store.finish_build(plan.build_id, "succeeded")
     _ACTIVE.pop(str(flow_run.id), None)
+    notify_finished_build(plan)
     return asdict(TargetResult(target, plan.build_id, "succeeded", registered.image_id, "register"))
 
 
@@ -194,15 +202,16 @@ def targets_of(request: BuildRequest) -> list[str]:
     unknown = [t for t in targets if t not in recipe.targets]
     if unknown:
         raise BadInput(f"{request.recipe}: targets.{unknown[0]}: no such target (have: {', '.join(recipe.targets)})")
-    if problem := attest.signing_key_problem():
+    if problem := attest.signing_key_problem() or notify_settings_problem():
         raise BadInput(problem)
     return targets
 
 
 @flow(name="build-recipe")
-def build_recipe(request: BuildRequest, trigger: str = "ui") -> list[dict]:
+def build_recipe(request: BuildRequest) -> list[dict]:
     """Every requested target concurrently; one failing target does not stop the others."""
     targets = targets_of(request)
+    trigger = trigger_of_this_run()  # not a parameter: the run itself says how it was started
     pool = ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="kiln-target")
     # Each target's thread runs in a copy of this context: its build-image run is a subflow of this run, and it
     # sees the caller's Prefect settings.
@@ -228,7 +237,15 @@ def build_recipe(request: BuildRequest, trigger: str = "ui") -> list[dict]:
         raise
     finally:
         pool.shutdown(wait=False)
-    return [asdict(_result(target, future.result())) for target, future in states.items()]
+    results = [asdict(_result(target, future.result())) for target, future in states.items()]
+    create_table_artifact(key=f"kiln-{artifact_key(request)}-summary", table=build_summary_rows(results),
+                          description=f"kiln build of {request.recipe}: one row per target")  # fmt: skip
+    return results
+
+
+def artifact_key(request: BuildRequest) -> str:
+    """The recipe's name as a Prefect artifact key (lowercase letters, digits and dashes)."""
+    return re.sub(r"[^a-z0-9-]+", "-", load_recipe(request.recipe).name).strip("-") or "recipe"
 
 
 def cancel_active_builds() -> None:

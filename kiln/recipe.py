@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import hashlib
 import ipaddress
@@ -476,6 +477,45 @@ class Schedule(_Model):
         return None if cron is None else " ".join(cron.split())
 
 
+VALIDITY = re.compile(r"^\s*([1-9][0-9]{0,3})\s*(hour|day|week|month|year)s?\s*$", re.IGNORECASE)
+DEFAULT_VALIDITY = "1 year"  # like StratusLab's signed metadata: an image leaves the catalogue unless renewed
+
+
+def validity_problem(text: str) -> str | None:
+    """Why `text` is not a validity period such as "2 days", "6 months" or "1 year" (None when it is one)."""
+    if not VALIDITY.match(text):
+        return f"{text!r} is not a period such as 12 hours, 2 days, 3 weeks, 6 months or 1 year"
+    return None
+
+
+def valid_until(start: dt.datetime, period: str) -> dt.datetime:
+    """The end of a validity period (calendar months and years: 31 Jan + 1 month is 28 or 29 Feb)."""
+    from dateutil.relativedelta import relativedelta
+
+    match = VALIDITY.match(period)
+    if match is None:
+        raise ValueError(validity_problem(period))
+    count, unit = int(match[1]), match[2].lower()
+    return start + relativedelta(**{f"{unit}s": count})
+
+
+def notify_url_problem(url: str) -> str | None:
+    """Why apprise cannot send to `url` (None when it can): an unknown scheme or a malformed URL."""
+    import apprise
+
+    if apprise.Apprise.instantiate(url) is None:
+        return "is not a notification URL apprise can send to (e.g. json://host/path, mailto://…, slack://…)"
+    return None
+
+
+def masked_notify_url(url: str) -> str:
+    """The URL with its credentials and tokens masked, as apprise prints it: safe for a log or the database."""
+    import apprise
+
+    plugin = apprise.Apprise.instantiate(url)
+    return plugin.url(privacy=True) if plugin is not None else "(invalid notification URL)"
+
+
 class Timeouts(_Model):
     """Stage time limits in seconds."""
 
@@ -705,8 +745,43 @@ class Recipe(_Model):
     outputs: Outputs = Field(default_factory=Outputs)
     schedule: Schedule | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    valid_for: str | None = Field(
+        default=None,
+        description=f"How long an image stays valid, e.g. '2 days', '6 months' (default {DEFAULT_VALIDITY}): its "
+        "catalog entry, EC2 DeprecationTime and Glance property say until when; nightly-rebuild renews it in time.",
+    )
+    notify: list[str] = Field(
+        default=[],
+        description="Notification URLs in apprise's syntax (json://, mailto://, slack://…), told of every finished "
+        "build besides those in KILN_NOTIFY. Keep secrets out of recipes: a URL with a token belongs in KILN_NOTIFY.",
+    )
 
     _path: Path | None = PrivateAttr(default=None)
+
+    @field_validator("valid_for")
+    @classmethod
+    def _a_period(cls, period: str | None) -> str | None:
+        if period is not None and (problem := validity_problem(period)):
+            raise ValueError(problem)
+        return None if period is None else " ".join(period.split()).lower()
+
+    @field_validator("notify")
+    @classmethod
+    def _notify_urls(cls, urls: list[str]) -> list[str]:
+        for index, url in enumerate(urls):
+            if problem := notify_url_problem(url):
+                raise _field_error(problem, index)
+        return urls
+
+    def validity(self) -> str:
+        """The recipe's validity period, or the default one."""
+        return self.valid_for or DEFAULT_VALIDITY
+
+    def stored_form(self) -> dict[str, Any]:
+        """The recipe as provenance keeps it: notification URLs masked (they may carry tokens)."""
+        data = self.model_dump(mode="json")
+        data["notify"] = [masked_notify_url(url) for url in self.notify]
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -774,7 +849,9 @@ class Recipe(_Model):
             except OSError as error:
                 problem = Problem(_field_of_file(self, relative), f"cannot read {relative}: {error.strerror}", None)
                 raise RecipeError(self._path or Path(self.name), [problem]) from error
-        canonical = {"scheme": FINGERPRINT_SCHEME, "recipe": self.model_dump(mode="json"), "files": files}
+        # Who is told and how long the image stays valid do not change the image: not part of its identity.
+        recipe = self.model_dump(mode="json", exclude={"valid_for", "notify"})
+        canonical = {"scheme": FINGERPRINT_SCHEME, "recipe": recipe, "files": files}
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 

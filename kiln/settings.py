@@ -96,3 +96,12 @@ def public_ip_url() -> str:
 def without_password(url: str) -> str:
     """A URL to show: any password between `://user:` and `@` replaced by ***."""
     return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", url)
+
+
+NOTIFY_ENV = "KILN_NOTIFY"
+
+
+def notify_urls() -> list[str]:
+    """KILN_NOTIFY: notification URLs in apprise's syntax, separated by spaces, told of every finished build on
+    this host (secrets such as tokens belong here, in the host's environment, not in recipes)."""
+    return os.environ.get(NOTIFY_ENV, "").split()

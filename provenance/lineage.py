@@ -4,6 +4,7 @@ SQL. Read-only; store.py is the writer."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -107,15 +108,25 @@ def list_builds(recipe: str | None = None, status: str | None = None, limit: int
         return [BuildSummary(build=b, recipe=r) for b, r in session.exec(query).all()]
 
 
-def list_images(cloud: str | None = None, recipe: str | None = None) -> list[ImageSummary]:
-    """Images, newest first, optionally on one cloud and/or built from one recipe (by name)."""
+def list_images(
+    cloud: str | None = None, recipe: str | None = None, *, valid_until_before: dt.datetime | None = None
+) -> list[ImageSummary]:
+    """Images, newest first, optionally on one cloud and/or built from one recipe (by name). With
+    valid_until_before: only the images still in use (available or expired) whose validity ends before then,
+    the soonest first."""
     conditions: list[ColumnElement[bool]] = []
     if cloud is not None:
         conditions.append(Image.cloud == cloud)
     if recipe is not None:
         conditions.append(RecipeVersion.name == recipe)
+    if valid_until_before is None:
+        with _session() as session:
+            return _image_summaries(session, *conditions)
+    conditions += [Image.valid_until.is_not(None), Image.valid_until <= valid_until_before,
+                   Image.status.in_(("available", "expired"))]  # fmt: skip
     with _session() as session:
-        return _image_summaries(session, *conditions)
+        found = _image_summaries(session, *conditions)
+    return sorted(found, key=lambda summary: summary.image.valid_until)
 
 
 def find_image(image_id: str) -> list[ImageSummary]:
@@ -177,12 +188,17 @@ def _recipe_dict(recipe: RecipeVersion) -> dict[str, Any]:
 
 
 def image_status(image_row_id: int) -> str:
-    """The status of one Image row (available, revoked, parent-revoked, deleted)."""
+    """The status of one Image row (available, revoked, parent-revoked, deleted, expired)."""
+    return image_row(image_row_id).status
+
+
+def image_row(image_row_id: int) -> Image:
+    """One Image row (detached): its status, validity, build."""
     with _session() as session:
         image = session.get(Image, image_row_id)
         if image is None:
             raise LookupError(f"no image row {image_row_id}")
-        return image.status
+        return image
 
 
 def find_image_row(cloud: str, image_id: str, region: str = "") -> int | None:
@@ -207,13 +223,15 @@ def build_for_flow_run(flow_run_id: str) -> Build | None:
 class EquivalentBuild:
     build_id: str
     image_id: str
+    valid_until: dt.datetime | None = None  # None: recorded before kiln kept validity
 
 
 def equivalent_build(*, fingerprint: str, target: str, base_digest: str, kiln_version: str) -> EquivalentBuild | None:
-    """A succeeded build of the same recipe fingerprint and target, on the same base bits, by the same kiln."""
+    """A succeeded build of the same recipe fingerprint and target, on the same base bits, by the same kiln, whose
+    image is neither revoked nor deleted (an expired one is returned: the caller says why it is rebuilt)."""
     parent = aliased(Image)
     query = (
-        select(Build.id, Image.image_id)
+        select(Build.id, Image.image_id, Image.valid_until)
         .join(RecipeVersion, Build.recipe_version_id == RecipeVersion.id)
         .join(Image, (Image.build_id == Build.id) & (Image.kind == "built"))
         .join(parent, Image.parent_id == parent.id)
@@ -223,7 +241,7 @@ def equivalent_build(*, fingerprint: str, target: str, base_digest: str, kiln_ve
             Build.status == "succeeded",
             Build.kiln_version == kiln_version,
             parent.sha256 == base_digest,
-            Image.status == "available",
+            Image.status.in_(("available", "expired")),
         )
         .order_by(Build.finished.desc())
         .limit(1)
@@ -272,6 +290,7 @@ class LineageNode:
             "sha256": image.sha256,
             "path": image.path,
             "created": image.created.isoformat(),
+            "valid_until": image.valid_until.isoformat() if image.valid_until else None,
             "depth": self.depth,
             "parent_row_id": self.parent_row_id,
             "build": None if self.build is None else {

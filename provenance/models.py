@@ -27,9 +27,9 @@ SQLModel.metadata.naming_convention = {
 
 BUILD_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "interrupted")
 STEP_STATUSES = ("running", "succeeded", "failed", "cancelled", "skipped", "interrupted")
-TRIGGERS = ("cli", "ui", "schedule", "audit", "test")
+TRIGGERS = ("cli", "ui", "schedule", "automation", "audit", "test")  # ui: the Prefect UI or its API
 IMAGE_KINDS = ("base", "built", "copy", "published")
-IMAGE_STATUSES = ("available", "revoked", "deleted", "parent-revoked")
+IMAGE_STATUSES = ("available", "revoked", "deleted", "parent-revoked", "expired")  # expired: past valid_until
 AUDIT_STATUSES = ("running", "passed", "differs", "failed")
 RESOURCE_KINDS = (
     "instance", "keypair", "security-group", "image", "snapshot", "floating-ip", "file", "process", "volume",
@@ -150,6 +150,7 @@ class Image(SQLModel, table=True):
     path: str = ""  # local file, if any (a base: where the host that first recorded it cached it, an annotation)
     tags_json: str = Field(default="{}", sa_type=Text)
     created: dt.datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    valid_until: dt.datetime | None = Field(default=None, sa_type=UtcDateTime, index=True)  # the recipe's valid_for
 
 
 class Probe(SQLModel, table=True):

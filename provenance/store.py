@@ -594,6 +594,7 @@ def record_image(
     kind: str = "built",
     tags: dict | None = None,
     status: str = "available",
+    valid_until: dt.datetime | None = None,
 ) -> int:
     """Record an image; returns its row id. A base is one row per (cloud, region, image_id, sha256), reused: give
     a base disk its host-independent id (see models.Image), so every host sharing the database finds the same row."""
@@ -630,6 +631,7 @@ def record_image(
             status=status,
             path=path,
             tags_json=_json(tags),
+            valid_until=valid_until,
         )
         session.add(image)
         session.flush()
@@ -658,6 +660,32 @@ def set_image_status(image_row_id: int, status: str, *, reason: str | None = Non
         elif status == "available":
             image.revoked_reason = None
         session.add(image)
+
+
+@dataclass(frozen=True)
+class ExpiredImage:
+    """An image row that validity made expired."""
+
+    row_id: int
+    cloud: str
+    region: str
+    image_id: str
+    valid_until: dt.datetime
+
+
+def mark_expired_images(now: dt.datetime | None = None, *, row_id: int | None = None) -> list[ExpiredImage]:
+    """Mark expired every available image (or only row `row_id`) whose valid_until has passed: no longer offered
+    as up to date, still usable (a revoked image is refused; an expired one is only warned about)."""
+    now = now or utcnow()
+    conditions = [Image.status == "available", Image.valid_until.is_not(None), Image.valid_until <= now]
+    if row_id is not None:
+        conditions.append(Image.id == row_id)
+    with _writing() as session:
+        rows = session.exec(select(Image).where(*conditions).order_by(Image.id)).all()
+        for image in rows:
+            image.status = "expired"
+            session.add(image)
+        return [ExpiredImage(i.id, i.cloud, i.region, i.image_id, i.valid_until) for i in rows]  # type: ignore[arg-type]
 
 
 def record_probe(build_id: str, *, name: str, kind: str, passed: bool, detail: str, duration: float) -> None:

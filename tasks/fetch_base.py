@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 
 from clouds.base import BaseImage
 from provenance import lineage, store
+from provenance.models import Image
 from tasks.common import BuildPlan, StepLog, stage
 
 
@@ -35,13 +40,27 @@ def fetch_base(plan: BuildPlan, *, step_log: StepLog) -> ResolvedBase:
     step_log(f"base {base.provenance_id} digest {base.digest}"
              + (f" at {base.details['path']}" if base.details.get("path") else ""))
     row_id = _base_row(base)
-    status = lineage.image_status(row_id)
-    if status in ("revoked", "parent-revoked"):
+    store.mark_expired_images(row_id=row_id)
+    row = lineage.image_row(row_id)
+    if row.status in ("revoked", "parent-revoked"):
         raise RevokedBaseError(
-            f"base {base.provenance_id} is {status} in provenance: choose another base for target {plan.target_name}"
+            f"base {base.provenance_id} is {row.status} in provenance: choose another base for target "
+            f"{plan.target_name}"
         )
+    if row.status == "expired":
+        warn_expired_base(plan, row, step_log)
     plan.base_digest = base.digest
     return ResolvedBase(image=base, row_id=row_id)
+
+
+def warn_expired_base(plan: BuildPlan, row: Image, step_log: StepLog) -> None:
+    """An expired base still builds (unlike a revoked one), but the build says so, in its log and Prefect's."""
+    until = row.valid_until.isoformat(timespec="seconds") if row.valid_until else "an earlier date"
+    message = (f"warning: base {row.image_id} expired on {until} (its recipe's valid_for): rebuild it, or "
+               f"choose a newer base for target {plan.target_name}")
+    step_log(message)
+    with contextlib.suppress(MissingContextError):  # no Prefect run: the step log is all there is
+        get_run_logger().warning("%s", message)
 
 
 def _base_row(base: BaseImage) -> int:

@@ -28,11 +28,11 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_duration(text: str) -> dt.timedelta:
-    """'90s', '30m', '2h', '7d', '1w' (a bare number is seconds)."""
+def parse_duration(text: str, what: str = "--older-than") -> dt.timedelta:
+    """'90s', '30m', '2h', '7d', '1w' (a bare number is seconds); `what` names the option in the error."""
     match = _DURATION.match(text or "")
     if not match:
-        raise ValueError(f"--older-than: {text!r} is not a duration such as 90s, 30m, 2h, 7d or 1w")
+        raise ValueError(f"{what}: {text!r} is not a duration such as 90s, 30m, 2h, 7d or 1w")
     return dt.timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
 
 

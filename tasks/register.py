@@ -9,14 +9,14 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from clouds.base import TAG_ROLE, ImageRef
+from clouds.base import TAG_ROLE, TAG_VALID_UNTIL, ImageRef
 from kiln import settings
+from kiln.recipe import valid_until as end_of_validity
 from provenance import attest, store
-from tasks.common import BuildPlan, StepLog, hand_over, ledgered, stage
+from tasks.artifacts import ancestry_markdown
+from tasks.common import BuildPlan, StepLog, describe, hand_over, ledgered, stage
 from tasks.fetch_base import ResolvedBase
 from tasks.verify import Verification
-
-CATALOG_VALIDITY = dt.timedelta(days=365)  # like StratusLab's signed metadata: an entry expires unless renewed
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,9 @@ class RegisteredImage:
     catalog_path: str
 
 
-def record_image_rows(plan: BuildPlan, base: ResolvedBase, image: ImageRef, tags: dict[str, str]) -> int:
+def record_image_rows(
+    plan: BuildPlan, base: ResolvedBase, image: ImageRef, tags: dict[str, str], valid_until: dt.datetime | None = None
+) -> int:
     """One row for the image (its primary file), one 'copy' row per other format of the same build."""
     primary = image.files[0] if image.files else None
     row_id = store.record_image(
@@ -44,6 +46,7 @@ def record_image_rows(plan: BuildPlan, base: ResolvedBase, image: ImageRef, tags
         parent_id=base.row_id,
         kind="built",
         tags=tags,
+        valid_until=valid_until,
     )
     for extra in image.files[1:]:
         store.record_image(
@@ -59,11 +62,14 @@ def record_image_rows(plan: BuildPlan, base: ResolvedBase, image: ImageRef, tags
             parent_id=base.row_id,
             kind="copy",
             tags=tags,
+            valid_until=valid_until,
         )
     return row_id
 
 
-def catalog_entry(plan: BuildPlan, base: ResolvedBase, image: ImageRef, verification: Verification) -> dict:
+def catalog_entry(
+    plan: BuildPlan, base: ResolvedBase, image: ImageRef, verification: Verification, valid_until: dt.datetime
+) -> dict:
     recipe, now = plan.recipe, dt.datetime.now(dt.UTC)
     return {
         "identifier": image.image_id,
@@ -82,7 +88,8 @@ def catalog_entry(plan: BuildPlan, base: ResolvedBase, image: ImageRef, verifica
         "dirty": plan.git.dirty,
         "probes": [{"name": o.name, "passed": o.passed} for o in verification.outcomes],
         "created": now.isoformat(),
-        "valid_until": (now + CATALOG_VALIDITY).isoformat(),
+        "valid_for": recipe.validity(),
+        "valid_until": valid_until.isoformat(),
     }
 
 
@@ -93,7 +100,7 @@ def write_catalog(entry: dict) -> Path:
     return path
 
 
-def publish_artifacts(plan: BuildPlan, entry: dict) -> None:
+def publish_artifacts(plan: BuildPlan, entry: dict, row_id: int) -> None:
     key = f"kiln-{plan.recipe.name}-{plan.target_name}".lower().replace(".", "-").replace("_", "-")
     probes = "\n".join(f"| {p['name']} | {'passed' if p['passed'] else 'FAILED'} |" for p in entry["probes"])
     create_markdown_artifact(
@@ -101,10 +108,12 @@ def publish_artifacts(plan: BuildPlan, entry: dict) -> None:
         description=f"kiln build {plan.build_id}",
         markdown=(
             f"# {plan.recipe.name} {plan.recipe.version} → `{entry['identifier']}`\n\n"
-            f"- target: **{plan.target_name}** ({entry['cloud']} {entry['region']})\n"
-            f"- build: `{plan.build_id}`\n- commit: `{entry['commit']}`{' (dirty)' if entry['dirty'] else ''}\n"
-            f"- recipe fingerprint: `{entry['recipe_fingerprint']}`\n"
-            f"- base: `{entry['parent']['image_id']}` ({entry['parent']['digest']})\n- os: {entry['os']}\n\n"
+            f"- target: **{plan.target_name}** ({' '.join(filter(None, (entry['cloud'], entry['region'])))})\n"
+            f"- build: `{plan.build_id}` (`kiln show {plan.build_id}`)\n"
+            f"- commit: `{entry['commit']}`{' (dirty)' if entry['dirty'] else ''}\n"
+            f"- recipe fingerprint: `{entry['recipe_fingerprint']}`\n- os: {entry['os']}\n"
+            f"- valid for {entry['valid_for']}, until {entry['valid_until']}\n\n"
+            f"{ancestry_markdown(row_id)}\n"
             f"| probe | result |\n|---|---|\n{probes}\n"
         ),
     )
@@ -134,6 +143,22 @@ def replicate(plan: BuildPlan, image: ImageRef, tags: dict[str, str], step_log: 
     return copies
 
 
+def set_expiry(plan: BuildPlan, images: list[ImageRef], valid_until: dt.datetime, step_log: StepLog) -> None:
+    """Where the cloud has an expiry of its own (EC2's DeprecationTime), set it at the end of the validity. The
+    date is already in provenance, the catalog entry and the image's tags: a cloud refusing it is a warning."""
+    set_on_cloud = getattr(plan.cloud, "set_expiry", None)
+    if not callable(set_on_cloud):
+        return
+    for image in images:
+        try:
+            at = set_on_cloud(image, valid_until)
+        except Exception as exc:
+            step_log(f"warning: {image.image_id}: the cloud's expiry was not set ({describe(exc)}); "
+                     f"valid until {valid_until.isoformat()} in its tags, the catalog and provenance")
+            continue
+        step_log(f"{image.image_id}: deprecated by the cloud from {at.isoformat()}")
+
+
 def statement_path(image: ImageRef) -> Path:
     """Where the image's signed statement goes: next to its disk file, else beside its catalog entry."""
     name = attest.statement_file_name(image.image_id)
@@ -159,20 +184,23 @@ def attest_image(image: ImageRef, step_log: StepLog) -> Path | None:
 def register(
     plan: BuildPlan, base: ResolvedBase, image: ImageRef, verification: Verification, *, step_log: StepLog
 ) -> RegisteredImage:
-    tags = {**plan.tags, TAG_ROLE: "image"}
+    valid_until = end_of_validity(dt.datetime.now(dt.UTC).replace(microsecond=0), plan.recipe.validity())
+    tags = {**plan.tags, TAG_ROLE: "image", TAG_VALID_UNTIL: valid_until.isoformat(timespec="seconds")}
     plan.cloud.tag_image(image, tags)
     copies = replicate(plan, image, tags, step_log)
-    row_id = record_image_rows(plan, base, image, tags)
+    set_expiry(plan, [image, *copies], valid_until, step_log)
+    row_id = record_image_rows(plan, base, image, tags, valid_until)
     for copy in copies:
         store.record_image(cloud=copy.cloud, region=copy.region, image_id=copy.image_id, name=copy.name,
-                           build_id=plan.build_id, parent_id=base.row_id, kind="copy", tags=tags)  # fmt: skip
+                           build_id=plan.build_id, parent_id=base.row_id, kind="copy", tags=tags,
+                           valid_until=valid_until)  # fmt: skip
     store.record_packages(row_id, verification.packages)
-    entry = catalog_entry(plan, base, image, verification)
+    entry = catalog_entry(plan, base, image, verification, valid_until)
     statement = attest_image(image, step_log)
     if statement is not None:
         entry["attestation"] = str(statement)
     catalog = write_catalog(entry)
-    publish_artifacts(plan, entry)
+    publish_artifacts(plan, entry, row_id)
     for each in (image, *copies):
         hand_over(plan, each.image_id)
     step_log(f"registered {image.image_id} (parent {base.image_id}); catalog entry {catalog}")

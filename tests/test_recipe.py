@@ -551,6 +551,26 @@ timeouts: {boot: 900, customize: 3600, image: 1800}
     assert fingerprint_of(site, explicit) == original
 
 
+def test_fingerprint_ignores_who_is_notified_and_how_long_the_image_stays_valid(site: Path) -> None:
+    original = fingerprint_of(site)
+    told = FINGERPRINTED + "valid_for: 2 days\nnotify: [json://127.0.0.1:9/kiln]\n"
+
+    assert fingerprint_of(site, told) == original
+
+
+def test_provenance_keeps_notification_urls_with_their_secrets_masked(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, "r.yaml", "name: r\nversion: 1.0.0\ntargets: {local: {base: "
+                               "{bootstrap: debian-bookworm}}}\nvalid_for: 6  Months\n"
+                               "notify: ['mailto://builder:s3cret-pass@example.org', 'json://127.0.0.1:9/kiln']\n"))
+
+    stored = recipe.stored_form()
+
+    assert "s3cret-pass" not in json.dumps(stored) and recipe.notify[0].endswith("s3cret-pass@example.org")
+    assert stored["notify"][0].startswith("mailto://builder:****@example.org")
+    assert stored["notify"][1].startswith("json://127.0.0.1:9/kiln")
+    assert recipe.valid_for == stored["valid_for"] == "6 months"
+
+
 def test_fingerprint_changes_when_a_copied_file_changes(site: Path) -> None:
     original = fingerprint_of(site)
     (site.parent / "files/index.html").write_text("<h1>hello!</h1>\n")

@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
                 stack.enter_context(without_flow_heartbeats())
                 if live_table:
                     stack.enter_context(Live(listener, console=console, refresh_per_second=4, transient=False))
-                results = build_recipe(request, trigger="cli")
+                results = build_recipe(request)
         except BadInput as exc:
             stderr().print(Text(printable(str(exc))))
             raise typer.Exit(2) from None

@@ -82,25 +82,36 @@ def show(
 def images(
     cloud: str | None = typer.Option(None, "--cloud", help="Only images on this cloud."),
     recipe: str | None = typer.Option(None, "--recipe", help="Only images built from this recipe (by name)."),
+    expiring: str | None = typer.Option(
+        None, "--expiring", help="Only images in use whose validity ends within this long (14d, 2w, 36h), or "
+        "has ended; the soonest first."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """List images kiln knows: built ones, their bases and copies, newest first."""
-    from provenance import lineage
+    from provenance import lineage, store
+    from tasks.gc import parse_duration
 
-    found = lineage.list_images(cloud=cloud, recipe=recipe)
+    try:
+        horizon = None if expiring is None else dt.datetime.now(dt.UTC) + parse_duration(expiring, "--expiring")
+    except ValueError as exc:
+        _fail(str(exc))
+    store.mark_expired_images()  # the status column says expired as soon as the validity has ended
+    found = lineage.list_images(cloud=cloud, recipe=recipe, valid_until_before=horizon)
     if as_json:
         _print_json([summary.to_dict() for summary in found])
         return
-    table = Table("image", "cloud", "recipe", "commit", "parent", "kind", "status", "size", "build")
+    table = Table("image", "cloud", "recipe", "commit", "parent", "kind", "status", "size", "valid until", "build")
     for summary in found:
         image = summary.image
         table.add_row(
             safe(image.image_id), _where(image.cloud, image.region),
             safe(f"{summary.recipe_name}@{summary.recipe_version}") if summary.recipe_name else "",
             _commit(summary.commit, False), safe(summary.parent_image_id or ""), safe(image.kind),
-            _status(image.status), _size(image.size), (summary.build_id or "")[:12],
+            _status(image.status), _size(image.size), _when(image.valid_until) if image.valid_until else "",
+            (summary.build_id or "")[:12],
         )
-    stdout().print(table if found else "no images recorded")
+    empty = f"no image in use expires within {safe(expiring)}" if expiring else "no images recorded"
+    stdout().print(table if found else empty)
 
 
 def db_upgrade() -> None:
@@ -167,7 +178,7 @@ def _fail(message: str) -> NoReturn:
 
 def _status(status: str) -> str:
     colour = {"succeeded": "green", "available": "green", "running": "cyan", "failed": "red",
-              "revoked": "red", "interrupted": "yellow", "parent-revoked": "yellow"}.get(status)
+              "revoked": "red", "interrupted": "yellow", "parent-revoked": "yellow", "expired": "yellow"}.get(status)
     return f"[{colour}]{safe(status)}[/]" if colour else safe(status)
 
 

@@ -18,7 +18,7 @@ import yaml
 from openstack import exceptions as os_exc
 
 from clouds import openstack as openstack_cloud
-from clouds.base import TAG_BUILD, TAG_COMMIT, TAG_RECIPE, TAG_ROLE, CloudError, ImageRef, Resource
+from clouds.base import TAG_BUILD, TAG_COMMIT, TAG_RECIPE, TAG_ROLE, TAG_VALID_UNTIL, CloudError, ImageRef, Resource
 from clouds.openstack import GLANCE_PROPERTIES, FileDigests, OpenStackCloud, connect
 from provenance import lineage, store
 from tasks.publish import PublishRefused, publish_image
@@ -175,9 +175,10 @@ def test_owned_lists_images_by_property_and_release_deletes_them(
 
 def test_tag_image_sets_kiln_properties_without_colons(glance: OpenStackCloud, disk: Path, build_id: str) -> None:
     ref, _ = glance.publish(disk, "kiln-tagged", tags={})
-    glance.tag_image(ref, {**tags_for(build_id), TAG_ROLE: "image"})
+    glance.tag_image(ref, {**tags_for(build_id), TAG_ROLE: "image", TAG_VALID_UNTIL: "2027-06-03T11:41:53+00:00"})
     properties = glance.conn.image.get_image(ref.image_id).properties
     assert {properties[GLANCE_PROPERTIES[tag]] for tag in (TAG_BUILD, TAG_ROLE)} == {build_id, "image"}
+    assert properties["kiln_valid_until"] == "2027-06-03T11:41:53+00:00"  # the recipe's valid_for, as register sets
     assert not [key for key in properties if key.startswith("kiln:")]
     assert [r.resource_id for r in glance.owned({TAG_BUILD: build_id})] == [ref.image_id]
     glance.delete_image(ref)

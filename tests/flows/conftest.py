@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.conftest import REPO
 from tests.prefect_server import prefect_server
+from tests.webhook import dead_url, webhook
 
 KILN = Path(sys.executable).with_name("kiln")
 
@@ -124,8 +125,9 @@ def service_recipe(tmp_path: Path, build_in: str | None = None) -> Path:
     return committed_recipe(tmp_path, with_build_in(SERVICE_RECIPE, build_in), files)
 
 
-def run_kiln(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run([str(KILN), *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+def run_kiln(*args: str, timeout: float = 1500, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KILN), *args], capture_output=True, text=True, timeout=timeout,
+                          env=os.environ | (env or {}))  # fmt: skip
 
 
 def copy_tree(src: Path, dest: Path) -> None:
@@ -140,6 +142,7 @@ class HelloBuild:
     recipe: Path
     commit: str
     outcome: dict  # `kiln build --json`'s one outcome: build_id, image_id, status, …
+    notifications: list[dict] = field(default_factory=list)  # what KILN_NOTIFY's JSON webhook received
     children: list[str] = field(default_factory=list)  # images a test built on this one, in order
 
     @property
@@ -151,13 +154,17 @@ class HelloBuild:
 def hello_build(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> HelloBuild:
     """One real local build of SERVICE_RECIPE by `kiln build` (a container build, then the verify boot: a TCG VM,
     1-3 min) for every test that needs a real local image: the build-DAG test, the audit, the lineage chain. A test
-    that builds on it says so in `children`, so the others know which children to expect."""
+    that builds on it says so in `children`, so the others know which children to expect. KILN_NOTIFY names a JSON
+    webhook served here and one where nothing listens: the build tells the first and succeeds all the same."""
     recipe = service_recipe(tmp_path_factory.mktemp("hello"))
     commit = git(recipe.parent, "rev-parse", "HEAD")
-    result = run_kiln("build", str(recipe), "--target", "local", "--json")
+    with webhook() as hook:
+        result = run_kiln("build", str(recipe), "--target", "local", "--json",
+                          env={"KILN_NOTIFY": f"{hook.url('hello')} {dead_url()}"})  # fmt: skip
+        notifications = hook.messages("hello")
     assert result.returncode == 0, result.stdout + result.stderr
     [outcome] = json.loads(result.stdout)
-    return HelloBuild(recipe=recipe, commit=commit, outcome=outcome)
+    return HelloBuild(recipe=recipe, commit=commit, outcome=outcome, notifications=notifications)
 
 
 @dataclass

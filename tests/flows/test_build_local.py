@@ -53,6 +53,24 @@ def show(build_id: str) -> dict:
     return json.loads(result.stdout)
 
 
+def test_the_finished_build_tells_kiln_notify_what_was_built_where_and_how_it_was_proved(hello_build: HelloBuild):
+    """One message to the live webhook; the dead one in KILN_NOTIFY did not fail the build (it succeeded)."""
+    outcome = hello_build.outcome
+    [message] = hello_build.notifications
+    detail = show(outcome["build_id"])
+    [image] = [i for i in detail["images"] if i["kind"] == "built"]
+
+    assert message["type"] == "success"
+    assert message["title"] == f"kiln: hello-web 1.0.0 built for local: {outcome['image_id']}"
+    body = message["message"]
+    assert f"commit {hello_build.commit[:12]}" in body and "recipe: hello-web 1.0.0 (recipe.yaml)" in body
+    assert f"  {outcome['image_id']} (built) at {image['path']}" in body
+    assert "  passed  command cat /etc/kiln-hello" in body and "  passed  build key rejected" in body
+    assert "  passed  http :80/index.html" in body
+    assert f"valid until: {image['valid_until'][:19]}" in body
+    assert f"details: kiln show {outcome['build_id']}" in body
+
+
 def took(step: dict) -> float:
     import datetime as dt
 

@@ -43,7 +43,7 @@ def test_each_stale_target_becomes_its_own_build_image_run(build_deployment, tmp
         deployment = client.read_deployment_by_name(nightly.BUILD_DEPLOYMENT)
         assert {run.deployment_id for run in runs} == {deployment.id}
         assert [run.parameters for run in runs] == [
-            {"request": {"recipe": d.recipe, "targets": [d.target]}, "trigger": "schedule"} for d in stale
+            {"request": {"recipe": d.recipe, "targets": [d.target]}} for d in stale
         ]
         assert all(run.state.is_scheduled() for run in runs), "submitted, not run here: a worker takes them"
         # the workers' part: two finish, one crashes before recording a build
@@ -60,7 +60,7 @@ def test_each_stale_target_becomes_its_own_build_image_run(build_deployment, tmp
 
 def test_nightly_fans_out_when_asked_and_reports_skips_with_their_reason(monkeypatch, tmp_path: Path):
     submitted: list[list[NightlyDecision]] = []
-    monkeypatch.setattr(nightly, "plan_night", lambda directory, targets: [
+    monkeypatch.setattr(nightly, "plan_night", lambda directory, targets, margin: [
         NightlyDecision("recipes/a.yaml", "local", "rebuild", "stale"),
         NightlyDecision("recipes/b.yaml", "local", "skip", "up to date"),
     ])  # fmt: skip

@@ -1,4 +1,5 @@
-"""The register stage signs the new image's provenance statement when KILN_SIGNING_KEY names a key: written next
+"""The register stage carries the recipe's validity (catalog entry, tags, provenance, EC2's DeprecationTime) and
+signs the new image's provenance statement when KILN_SIGNING_KEY names a key: written next
 to the image, named in its catalog entry, verifiable by `kiln attest --verify`; without a key nothing is signed,
 and an unreadable key stops `kiln build` before anything launches. The stage runs for real (provenance rows,
 catalog, Prefect artifacts on the session's server) on an image recorded from a real qcow2 file, without a VM."""
@@ -6,25 +7,30 @@ catalog, Prefect artifacts on the session's server) on an image recorded from a 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import json
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prefect.logging import disable_run_logger
 from typer.testing import CliRunner
 
-from clouds.base import BaseImage, ImageFile, ImageRef
+from clouds import open_cloud
+from clouds.base import TAG_VALID_UNTIL, BaseImage, ImageFile, ImageRef
 from kiln import settings
 from kiln.cli import app
-from kiln.recipe import load_recipe
+from kiln.recipe import BaseSpec, load_recipe
 from provenance import attest, gitinfo, lineage, store
 from tasks.common import BuildPlan
 from tasks.fetch_base import ResolvedBase
 from tasks.register import register
 from tasks.verify import ProbeOutcome, Verification
+from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
+from tests.clouds.test_ec2 import built_image
 from tests.conftest import REPO
 
 runner = CliRunner()
@@ -158,3 +164,80 @@ def _no_catalog_left(tmp_path) -> None:
     yield
     for path in set((settings.data_dir() / "catalog").glob("*")) - before:
         path.unlink()
+
+
+def test_valid_for_reaches_the_catalog_entry_the_image_tags_and_provenance(tmp_path, prefect_api) -> None:
+    plan, base, image, verification = snapshot_made(tmp_path)
+    plan.recipe = plan.recipe.model_copy(update={"valid_for": "2 days"})
+    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+    registered = _register(plan, base, image, verification)
+
+    entry = json.loads(Path(registered.catalog_path).read_text())
+    until = dt.datetime.fromisoformat(entry["valid_until"])
+    assert entry["valid_for"] == "2 days"
+    assert before + dt.timedelta(days=2) <= until <= dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    assert plan.cloud.tagged[image.image_id][TAG_VALID_UNTIL] == until.isoformat()
+    [row] = lineage.find_image(image.image_id)
+    assert row.image.valid_until == until
+
+
+def test_valid_for_sets_the_deprecation_time_of_the_ami_and_its_copies(tmp_path, prefect_api, moto) -> None:  # noqa: F811
+    recipe = load_recipe(write_ec2_recipe(tmp_path, moto))
+    cloud = open_cloud(recipe.targets["ec2"], target_name="ec2")
+    cloud.poll_seconds = 0.2
+    deprecations: list[dict] = []
+    for region in ("us-east-1", "eu-west-1"):
+        answer_enable_image_deprecation(cloud.ec2(region), deprecations)  # moto has no EnableImageDeprecation
+    plan, base = ec2_plan(recipe, cloud)
+    image = built_image(cloud, base.image)
+    before = dt.datetime.now(dt.UTC)
+
+    with disable_run_logger():
+        register.fn(plan, base, image, Verification([], [], "Amazon Linux 2023"))
+
+    [row] = lineage.find_image(image.image_id)
+    until = row.image.valid_until
+    assert dt.timedelta(days=181) <= until - before <= dt.timedelta(days=184)  # 6 calendar months
+    deprecate_at = until.replace(second=0) + (dt.timedelta(minutes=1) if until.second else dt.timedelta(0))
+    copies = [s.image for s in lineage.list_images(cloud="ec2")
+              if s.build_id == plan.build_id and s.image.kind == "copy"]  # fmt: skip
+    assert [c.region for c in copies] == ["eu-west-1"] and copies[0].valid_until == until
+    assert sorted((d["ImageId"], d["DeprecateAt"]) for d in deprecations) == sorted(
+        [(image.image_id, deprecate_at), (copies[0].image_id, deprecate_at)])
+    described = cloud.ec2("eu-west-1").describe_images(ImageIds=[copies[0].image_id])["Images"][0]
+    assert {"Key": TAG_VALID_UNTIL, "Value": until.isoformat()} in described["Tags"]
+
+
+def write_ec2_recipe(tmp_path: Path, endpoint: str) -> Path:
+    path = tmp_path / "ec2.yaml"
+    path.write_text(f"""name: hello-ec2
+version: 1.0.0
+targets:
+  ec2: {{region: us-east-1, endpoint_url: "{endpoint}", base: {{ssm_parameter: {SSM_AL2023}}}, ssh_user: admin,
+        regions: [eu-west-1]}}
+valid_for: 6 months
+""")
+    return path
+
+
+def ec2_plan(recipe, cloud) -> tuple[BuildPlan, ResolvedBase]:  # noqa: ANN001 - a Recipe and an EC2Cloud
+    git = gitinfo.capture(recipe.path, recipe.referenced_files())
+    version = store.record_recipe_version(name=recipe.name, version=recipe.version, fingerprint=recipe.fingerprint(),
+                                          recipe_json="{}", git=git)  # fmt: skip
+    build_id = store.start_build(recipe_version_id=version, target="ec2", cloud="ec2", region="us-east-1",
+                                 trigger="test")  # fmt: skip
+    image = cloud.resolve_base(BaseSpec(ssm_parameter=SSM_AL2023), "admin")
+    row = store.record_image(cloud="ec2", region="us-east-1", image_id=image.image_id, sha256=image.digest,
+                             kind="base")  # fmt: skip
+    plan = BuildPlan(build_id=build_id, recipe=recipe, target_name="ec2", git=git, recipe_version_id=version,
+                     cloud=cloud)  # fmt: skip
+    return plan, ResolvedBase(image, row)
+
+
+def answer_enable_image_deprecation(client, calls: list[dict]) -> None:  # noqa: ANN001 - a boto3 EC2 client
+    """Answer EnableImageDeprecation before it leaves the client, as EC2 does, remembering its parameters."""
+    client.meta.events.register("provide-client-params.ec2.EnableImageDeprecation",
+                                lambda params, **_: calls.append(dict(params)))  # fmt: skip
+    client.meta.events.register("before-call.ec2.EnableImageDeprecation", lambda **_: (
+        SimpleNamespace(status_code=200), {"Return": True, "ResponseMetadata": {"HTTPStatusCode": 200}}))

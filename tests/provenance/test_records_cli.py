@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -94,6 +95,23 @@ def test_images_json_names_recipe_commit_and_parent(seeded: dict[str, str]) -> N
     assert built["commit"].startswith("c0ffee") and built["build_id"] == seeded["ok"]
     assert _json(["images", "--recipe", "dstat"]) == []
     assert _json(["images", "--cloud", "ec2"]) == []
+
+
+def test_images_expiring_lists_what_ends_soon_soonest_first_and_marks_the_past_expired(seeded: dict[str, str]) -> None:
+    now = dt.datetime.now(dt.UTC)
+    for image_id, days in (("img-in-10-days", 10), ("img-yesterday", -1), ("img-in-a-year", 365)):
+        store.record_image(cloud="local", image_id=image_id, build_id=seeded["ok"], kind="copy",
+                           valid_until=now + dt.timedelta(days=days))  # fmt: skip
+
+    soon = _json(["images", "--expiring", "14d"])
+
+    assert [(i["image_id"], i["status"]) for i in soon] == [("img-yesterday", "expired"),
+                                                             ("img-in-10-days", "available")]  # fmt: skip
+    assert [i["image_id"] for i in _json(["images", "--expiring", "2d"])] == ["img-yesterday"]
+    table = runner.invoke(app, ["images", "--expiring", "14d"])
+    assert table.exit_code == 0 and "valid until" in table.stdout and "img-in-a-year" not in table.stdout
+    bad = runner.invoke(app, ["images", "--expiring", "soon"])
+    assert bad.exit_code == 2 and "--expiring: 'soon' is not a duration" in bad.stderr
 
 
 def test_db_upgrade_on_a_fresh_kiln_home(tmp_path: Path) -> None:

@@ -196,7 +196,7 @@ def submit(builds: list[tuple[Path, str]]) -> list[str]:
 
     return [
         str(run_deployment("build-recipe/build-image", timeout=0, as_subflow=False,
-                           parameters={"request": {"recipe": str(path), "targets": [target]}, "trigger": "test"}).id)
+                           parameters={"request": {"recipe": str(path), "targets": [target]}}).id)
         for path, target in builds
     ]  # fmt: skip
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from dataclasses import dataclass, field
@@ -11,13 +12,14 @@ import pytest
 import yaml
 from prefect.logging import disable_run_logger
 
-from clouds.base import KeyPair, Resource
+from clouds.base import BaseImage, KeyPair, Resource
 from clouds.ssh import CommandFailed, RunResult
 from flows.nightly import decide
 from kiln.recipe import SANITIZE_OPERATIONS, load_recipe
 from kiln.settings import KILN_VERSION
 from provenance import gitinfo, lineage, store
 from tasks.common import BuildPlan, StageError, ledgered, release_open, stage
+from tasks.fetch_base import fetch_base
 from tasks.launch import user_data
 from tasks.sanitize import REGISTRY, Operation, operations, run_operations, sanitize_script
 
@@ -219,6 +221,49 @@ def test_nightly_skips_what_is_up_to_date_and_rebuilds_what_changed():
     assert decide(recipe, "local", "sha256:" + "2" * 64).action == "rebuild"  # the base moved
     assert decide(recipe, "local", "sha256:" + "1" * 64, kiln_version=KILN_VERSION + ".1").action == "rebuild"
     assert decide(recipe, "other-target", "sha256:" + "1" * 64).action == "rebuild"
+
+
+def test_nightly_renews_an_image_whose_validity_ends_within_the_margin_and_says_why():
+    plan, digest = new_plan(), "sha256:" + "4" * 64
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    base = store.record_image(cloud="local", image_id="/cache/base-4.qcow2", sha256=digest, kind="base")
+    image = f"img-{plan.short_id}eeee"
+    row = store.record_image(cloud="local", image_id=image, build_id=plan.build_id, parent_id=base,
+                             valid_until=now + dt.timedelta(days=3))  # fmt: skip
+    store.finish_build(plan.build_id, "succeeded")
+
+    soon = decide(plan.recipe, "local", digest, margin=dt.timedelta(days=7), now=now)
+    assert (soon.action, soon.reason) == (
+        "rebuild", f"image {image} (build {plan.short_id}) expires {(now + dt.timedelta(days=3)).isoformat()}, "
+        "within the 7-day margin: renewed by a new build")  # fmt: skip
+    assert decide(plan.recipe, "local", digest, margin=dt.timedelta(days=1), now=now).action == "skip"
+
+    later = now + dt.timedelta(days=4)
+    assert row in [expired.row_id for expired in store.mark_expired_images(later)]
+    assert lineage.image_status(row) == "expired"  # not revoked: still usable, no longer up to date
+    gone = decide(plan.recipe, "local", digest, margin=dt.timedelta(days=1), now=later)
+    assert gone.action == "rebuild" and f"{image} (build {plan.short_id}) expired " in gone.reason
+
+
+def test_a_build_from_an_expired_base_is_warned_not_refused():
+    @dataclass
+    class KilnImageCloud(RecordingCloud):
+        def resolve_base(self, spec, ssh_user):  # noqa: ANN001, ANN202 - the Cloud protocol
+            return BaseImage(cloud="local", image_id="/images/img-0ldba5e00001/old.qcow2", digest="f" * 64,
+                             ssh_user=ssh_user, details={"kiln_image_id": "img-0ldba5e00001"})  # fmt: skip
+
+    plan = new_plan(cloud=KilnImageCloud())
+    yesterday = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    row = store.record_image(cloud="local", image_id="img-0ldba5e00001", sha256="f" * 64, build_id=plan.build_id,
+                             valid_until=yesterday)  # fmt: skip
+
+    with disable_run_logger():
+        resolved = fetch_base.fn(plan)
+
+    assert resolved.row_id == row and lineage.image_status(row) == "expired"
+    [step] = lineage.get_build(plan.build_id).steps
+    assert step.status == "succeeded"
+    assert f"warning: base img-0ldba5e00001 expired on {yesterday.replace(microsecond=0).isoformat()}" in step.log
 
 
 def test_nightly_rebuilds_when_the_only_build_failed(tmp_path):
