@@ -292,7 +292,7 @@ def test_launch_grows_the_overlay_to_the_asked_disk_size(cloud: LocalCloud, blan
 
 
 def test_a_local_targets_disk_size_grows_the_overlay(blank_base: BaseImage) -> None:
-    target = LocalTarget(base={"bootstrap": "debian-bookworm"}, disk_size_gb=1, accel="tcg")
+    target = LocalTarget(base={"bootstrap": "debian-bookworm"}, disk_size_gb=1, accel="tcg", build_in="vm")
     local = open_cloud(target)
     key = KeyPair.generate("kiln-test")
     instance = local.launch(blank_base, key, user_data("debian", key), TAGS, [])

@@ -43,7 +43,7 @@ def test_each_stale_target_becomes_its_own_build_image_run(build_deployment, tmp
         deployment = client.read_deployment_by_name(nightly.BUILD_DEPLOYMENT)
         assert {run.deployment_id for run in runs} == {deployment.id}
         assert [run.parameters for run in runs] == [
-            {"request": {"recipe": d.recipe, "targets": [d.target]}} for d in stale
+            {"request": {"recipe": d.recipe, "targets": [d.target], "use_cache": False}} for d in stale
         ]
         assert all(run.state.is_scheduled() for run in runs), "submitted, not run here: a worker takes them"
         # the workers' part: two finish, one crashes before recording a build
@@ -64,7 +64,7 @@ def test_nightly_fans_out_when_asked_and_reports_skips_with_their_reason(monkeyp
         NightlyDecision("recipes/a.yaml", "local", "rebuild", "stale"),
         NightlyDecision("recipes/b.yaml", "local", "skip", "up to date"),
     ])  # fmt: skip
-    monkeypatch.setattr(nightly, "submit_builds", lambda stale: submitted.append(stale))
+    monkeypatch.setattr(nightly, "submit_builds", lambda stale, use_cache: submitted.append(stale))
     monkeypatch.setattr(nightly, "wait_for_builds", lambda stale: [setattr(d, "status", "succeeded") for d in stale])
 
     with disable_run_logger():

@@ -215,7 +215,7 @@ def write_ec2_recipe(tmp_path: Path, endpoint: str) -> Path:
 version: 1.0.0
 targets:
   ec2: {{region: us-east-1, endpoint_url: "{endpoint}", base: {{ssm_parameter: {SSM_AL2023}}}, ssh_user: admin,
-        regions: [eu-west-1]}}
+        ssh_cidr: 198.51.100.7/32, regions: [eu-west-1]}}
 valid_for: 6 months
 """)
     return path

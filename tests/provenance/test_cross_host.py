@@ -92,9 +92,11 @@ def _build_on(host: Host, recipe_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     disk = _qcow2(host.cloud.images_dir / image_id / "hello-1.0.0.qcow2", "16M")
     files = (ImageFile("qcow2", str(disk), disk.stat().st_size, hashlib.sha256(disk.read_bytes()).hexdigest()),)
     image = ImageRef(cloud="local", image_id=image_id, name="hello-1.0.0", files=files)
-    row = record_image_rows(plan, base, image, plan.tags)
+    valid_until = dt.datetime.now(dt.UTC) + dt.timedelta(days=365)
+    row = record_image_rows(plan, base, image, plan.tags, valid_until)
     store.record_packages(row, PACKAGES)
-    write_catalog(catalog_entry(plan, base, image, Verification([ProbeOutcome("port :22", "port", True, "", 0.1)])))
+    probes = Verification([ProbeOutcome("port :22", "port", True, "", 0.1)])
+    write_catalog(catalog_entry(plan, base, image, probes, valid_until))
     store.finish_build(build, "succeeded", stage="register")
     return base, image_id
 

@@ -250,7 +250,8 @@ def test_a_build_from_an_expired_base_is_warned_not_refused():
     class KilnImageCloud(RecordingCloud):
         def resolve_base(self, spec, ssh_user):  # noqa: ANN001, ANN202 - the Cloud protocol
             return BaseImage(cloud="local", image_id="/images/img-0ldba5e00001/old.qcow2", digest="f" * 64,
-                             ssh_user=ssh_user, details={"kiln_image_id": "img-0ldba5e00001"})  # fmt: skip
+                             ssh_user=ssh_user, details={"kiln_image_id": "img-0ldba5e00001"},
+                             stable_id="img-0ldba5e00001")  # fmt: skip
 
     plan = new_plan(cloud=KilnImageCloud())
     yesterday = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
