@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -95,10 +96,6 @@ class Layout:
     def netns_path(self) -> Path:
         return NETNS_DIR / self.netns
 
-    @property
-    def slirp_socket(self) -> Path:
-        return self.directory / "slirp.sock"
-
 
 # ----------------------------------------------------------------------------------------------- start
 
@@ -155,20 +152,26 @@ def create_network(layout: Layout) -> int:
     """A named network namespace with slirp4netns's outbound NAT in it; returns slirp4netns's pid."""
     disk.run(["ip", "netns", "add", layout.netns])
     log_file = open(layout.directory / "slirp.log", "wb")  # noqa: SIM115 - the daemon's, closed below
+    # --ready-fd rather than an API socket: a socket's path is limited to 107 bytes, and a deep KILN_HOME exceeds it.
+    ready_read, ready_write = os.pipe()
     try:
         slirp = subprocess.Popen(
-            [SLIRP, "--configure", "--disable-host-loopback", "--mtu=65520", f"--api-socket={layout.slirp_socket}",
+            [SLIRP, "--configure", "--disable-host-loopback", "--mtu=65520", f"--ready-fd={ready_write}",
              "--netns-type=path", str(layout.netns_path), "tap0"],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            pass_fds=(ready_write,),
         )  # fmt: skip
     finally:
         log_file.close()
-    deadline = time.monotonic() + 30
-    while not layout.slirp_socket.exists():  # the API socket appears once tap0 is configured
-        if slirp.poll() is not None or time.monotonic() > deadline:
-            text = (layout.directory / "slirp.log").read_text(errors="replace")[-2000:]
-            raise CloudError(f"slirp4netns did not set up the container's network: {text}")
-        time.sleep(0.05)
+        os.close(ready_write)
+    try:
+        ready, _, _ = select.select([ready_read], [], [], 30)
+        configured = bool(ready) and os.read(ready_read, 1) == b"1"  # EOF (b"") when slirp4netns exits first
+    finally:
+        os.close(ready_read)
+    if not configured:
+        text = (layout.directory / "slirp.log").read_text(errors="replace")[-2000:]
+        raise CloudError(f"slirp4netns did not set up the container's network: {text}")
     return slirp.pid
 
 
@@ -461,6 +464,8 @@ def _is_nspawn_of(pid: int, layout: Layout) -> bool:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool(args) and os.path.basename(args[0].decode(errors="replace")) == NSPAWN and any(
-        str(layout.root).encode() in arg for arg in args
+    return (
+        bool(args)
+        and os.path.basename(args[0].decode(errors="replace")) == NSPAWN
+        and any(str(layout.root).encode() in arg for arg in args)
     )
