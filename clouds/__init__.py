@@ -6,7 +6,7 @@ from typing import Any
 
 
 def open_cloud(target: Any, timeouts: Any = None, *, target_name: str | None = None) -> Any:
-    """The backend for a recipe target (kiln.recipe LocalTarget / EC2Target / OpenStackTarget); `timeouts`
+    """The backend for a recipe target (spec.recipe LocalTarget / EC2Target / OpenStackTarget); `timeouts`
     (the recipe's Timeouts) lets a cloud wait as long as the recipe allows; `target_name` is the clouds.yaml
     entry of an OpenStack target that sets no os_cloud."""
     kind = target.cloud

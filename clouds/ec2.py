@@ -48,7 +48,7 @@ from clouds.base import (
     Resource,
     StopResult,
 )
-from kiln import settings
+from spec import settings
 
 log = logging.getLogger(__name__)
 

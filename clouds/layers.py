@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clouds.base import CloudError
-from clouds.fetch import file_lock, sha256_file
+from clouds.fetch import file_lock
+from spec.digests import sha256_file
 
 log = logging.getLogger(__name__)
 

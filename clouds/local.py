@@ -35,7 +35,8 @@ from clouds.base import (
 from clouds.layers import Layer, LayerCache, Manifest, manifest
 from clouds.ova import build_ova
 from clouds.session import Session
-from kiln import settings
+from spec import settings
+from spec.digests import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -825,7 +826,7 @@ def _instance_from_record(record: dict[str, Any]) -> Instance:
 
 
 def _image_file(fmt: str, path: Path) -> ImageFile:
-    return ImageFile(format=fmt, path=str(path), size=path.stat().st_size, sha256=fetch.sha256_file(path))
+    return ImageFile(format=fmt, path=str(path), size=path.stat().st_size, sha256=sha256_file(path))
 
 
 def _read_pid(directory: Path) -> int | None:

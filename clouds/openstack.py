@@ -17,7 +17,6 @@ import base64
 import datetime as dt
 import fnmatch
 import getpass
-import hashlib
 import logging
 import re
 import socket
@@ -48,6 +47,7 @@ from clouds.base import (
     Resource,
     StopResult,
 )
+from spec.digests import file_digests
 
 log = logging.getLogger("kiln.openstack")
 
@@ -131,15 +131,8 @@ class FileDigests:
 
     @classmethod
     def of(cls, path: Path) -> FileDigests:
-        md5, sha256, sha512 = hashlib.md5(usedforsecurity=False), hashlib.sha256(), hashlib.sha512()
-        size = 0
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                size += len(block)
-                md5.update(block)
-                sha256.update(block)
-                sha512.update(block)
-        return cls(size, md5.hexdigest(), sha256.hexdigest(), sha512.hexdigest())
+        size = path.stat().st_size
+        return cls(size, **file_digests(path, "md5", "sha256", "sha512"))
 
     def by_algorithm(self, algorithm: str) -> str | None:
         return {"md5": self.md5, "sha256": self.sha256, "sha512": self.sha512}.get(algorithm.lower())

@@ -15,9 +15,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.build import build_image
-from kiln.recipe import RecipeError, load_recipe
 from provenance import lineage, store
 from provenance.models import Build, Image, RecipeVersion
+from spec.recipe import RecipeError, load_recipe
 from tasks.audit import EXCLUDED_PATTERNS, FileComparison, PackageDiff, compare_disks, compare_packages
 from tasks.common import describe
 

@@ -22,9 +22,9 @@ from pydantic import BaseModel, Field
 from clouds import open_cloud
 from flows.limits import limit_name_for, vm_slot
 from flows.trigger import trigger_of_this_run
-from kiln import settings
-from kiln.recipe import load_recipe, recorded_target
 from provenance import attest, gitinfo, lineage, store
+from spec import settings
+from spec.recipe import load_recipe, recorded_target
 from tasks.artifacts import build_summary_rows
 from tasks.common import BuildPlan, describe, release_open
 from tasks.customize import customize

@@ -16,9 +16,9 @@ from prefect.runtime import deployment, flow_run
 from clouds import open_cloud
 from flows.build import build_image
 from flows.status import builds_of_run
-from kiln.recipe import BaseSpec, Recipe, RecipeError, Target, load_recipe
-from kiln.settings import KILN_VERSION
 from provenance import lineage, store
+from spec.recipe import BaseSpec, Recipe, RecipeError, Target, load_recipe
+from spec.settings import KILN_VERSION
 from tasks.gc import parse_duration
 
 

@@ -28,10 +28,10 @@ from clouds.base import (
     KeyPair,
     Resource,
 )
-from kiln.recipe import Recipe
 from provenance import store
 from provenance.gitinfo import GitInfo
 from provenance.redact import LineRedactor, redact, redact_logs
+from spec.recipe import Recipe
 
 STAGES = ("fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register")
 

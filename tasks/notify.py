@@ -9,11 +9,11 @@ import apprise
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
-from kiln import settings
-from kiln.recipe import masked_notify_url, notify_url_problem
 from provenance import lineage
 from provenance.lineage import BuildDetail
 from provenance.redact import redact
+from spec import settings
+from spec.recipe import masked_notify_url, notify_url_problem
 from tasks.common import BuildPlan, describe
 
 log = logging.getLogger("kiln.notify")

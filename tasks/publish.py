@@ -22,8 +22,8 @@ from clouds import qemu
 from clouds.base import TAG_ROLE, ImageRef
 from clouds.ec2 import EC2Cloud, publish_disk
 from clouds.openstack import FileDigests, OpenStackCloud
-from kiln import settings
 from provenance import lineage, store
+from spec import settings
 
 log = logging.getLogger("kiln.publish")
 PUBLISHABLE_FORMATS = ("qcow2", "raw")

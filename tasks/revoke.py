@@ -16,10 +16,10 @@ from typing import Any
 
 from clouds import open_cloud
 from clouds.base import ImageRef
-from kiln import settings
-from kiln.recipe import recorded_target
 from provenance import lineage, store
 from provenance.store import RevokedImage
+from spec import settings
+from spec.recipe import recorded_target
 from tasks.common import describe
 
 

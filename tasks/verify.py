@@ -10,8 +10,8 @@ from pathlib import Path
 
 from clouds import ssh
 from clouds.base import ImageRef
-from kiln.recipe import BaseSpec, Probe
 from provenance import store
+from spec.recipe import BaseSpec, Probe
 from tasks.common import BuildPlan, StepLog, stage
 from tasks.image_audit import (
     BuildGuestFacts,

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from kiln.cli import app
-from kiln.recipe import MAX_RECIPE_BYTES, RecipeError, load_recipe
+from spec.recipe import MAX_RECIPE_BYTES, RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE_DIR = Path("tests/data/hostile")  # relative to REPO, as a user would type it

@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kiln.cli import app
-from kiln.recipe import (
+from spec.recipe import (
     SANITIZE_OPERATIONS,
     EC2Target,
     LocalTarget,

@@ -10,7 +10,7 @@ from typing import NoReturn
 import typer
 
 from kiln.commands.output import fail, safe, stdout
-from kiln.settings import SIGNING_KEY_ENV
+from spec.settings import SIGNING_KEY_ENV
 
 KEY_ENV = SIGNING_KEY_ENV
 

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kiln.commands.output import fail, safe, stderr
-from kiln.recipe import EC2Target, Recipe, RecipeError, load_recipe, printable
+from spec.recipe import EC2Target, Recipe, RecipeError, load_recipe, printable
 
 STAGES = ("fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register")
 STYLE = {"waiting": "dim", "running": "bold yellow", "succeeded": "green", "failed": "bold red", "cancelled": "red"}
@@ -199,8 +199,8 @@ def _checked_targets(recipe: Path, requested: list[str]) -> list[str]:
 def _check_settings(recipe: Recipe, targets: list[str]) -> None:
     """The settings the build will use, before Prefect starts: a SettingsError is one line naming the setting,
     exit 2 (kiln.cli), and nothing is launched."""
-    from kiln import settings
     from provenance import store
+    from spec import settings
 
     settings.data_dir()
     if any(recipe.targets[name].cloud == "local" for name in targets):

@@ -24,7 +24,7 @@ def parse_size(text: str) -> int:
 
 def _cache():  # noqa: ANN202 - clouds.layers.LayerCache
     from clouds.layers import LayerCache
-    from kiln import settings
+    from spec import settings
 
     return LayerCache(settings.layers_dir())
 

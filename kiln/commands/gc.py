@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kiln.commands.output import fail, safe
-from kiln.recipe import printable
+from spec.recipe import printable
 
 STYLE = {"released": "green", "would release": "yellow", "closed (never created)": "green"}
 

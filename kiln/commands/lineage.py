@@ -10,7 +10,7 @@ from rich.tree import Tree
 
 from kiln.commands.output import fail, safe, stdout
 from kiln.commands.records import _commit, _status, _where
-from kiln.recipe import printable
+from spec.recipe import printable
 
 if TYPE_CHECKING:
     from provenance.lineage import Lineage, LineageNode

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, NoReturn
 import typer
 
 from kiln.commands.output import fail, safe, stderr
-from kiln.recipe import EC2Target, OpenStackTarget, RecipeError, load_recipe
+from spec.recipe import EC2Target, OpenStackTarget, RecipeError, load_recipe
 
 if TYPE_CHECKING:  # boto3 and openstacksdk take seconds to import: only `kiln publish` pays for them
     from clouds.ec2 import EC2Cloud

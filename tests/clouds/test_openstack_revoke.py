@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from clouds.base import TAG_BUILD, ImageRef
 from clouds.local import LocalCloud
 from clouds.openstack import OpenStackCloud
-from kiln import settings
 from kiln.cli import app
 from provenance import lineage, store
 from provenance.gitinfo import GitInfo
+from spec import settings
 from tasks.publish import publish_image
 from tests.openstack_server import OpenStackServers
 

@@ -20,8 +20,8 @@ from flows.audit import (
     recorded_checkout,
 )
 from kiln.commands.audit import print_report
-from kiln.recipe import load_recipe
 from provenance import gitinfo, lineage, store
+from spec.recipe import load_recipe
 from tests.conftest import REPO
 from tests.flows.conftest import HelloBuild, git, hello_recipe, run_kiln
 

@@ -25,7 +25,7 @@ from flows.limits import (
     on_ephemeral_server,
     vm_slot,
 )
-from kiln.recipe import EC2Target, LocalTarget, OpenStackTarget
+from spec.recipe import EC2Target, LocalTarget, OpenStackTarget
 from tests.prefect_server import prefect_server, server_env
 
 KILN = Path(sys.executable).with_name("kiln")

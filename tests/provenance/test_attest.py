@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from typer.testing import CliRunner
 
 from kiln.cli import app
-from kiln.settings import KILN_VERSION
 from provenance import attest, lineage, store
 from provenance.gitinfo import GitInfo
+from spec.settings import KILN_VERSION
 
 runner = CliRunner()
 COMMIT = "c0ffee" * 6 + "beef"

@@ -30,8 +30,8 @@ from clouds import bootstrap
 from clouds.base import ImageFile, ImageRef
 from clouds.local import LocalCloud
 from kiln.cli import app
-from kiln.recipe import load_recipe
 from provenance import gitinfo, lineage, store
+from spec.recipe import load_recipe
 from tasks.common import BuildPlan
 from tasks.fetch_base import ResolvedBase, fetch_base
 from tasks.register import catalog_entry, record_image_rows, write_catalog

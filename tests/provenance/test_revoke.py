@@ -13,10 +13,10 @@ from prefect.logging import disable_run_logger
 from typer.testing import CliRunner
 
 from clouds.local import LocalCloud
-from kiln import settings
 from kiln.cli import app
-from kiln.recipe import load_recipe
 from provenance import gitinfo, lineage, store
+from spec import settings
+from spec.recipe import load_recipe
 from tasks.common import BuildPlan
 from tasks.fetch_base import RevokedBaseError, fetch_base
 from tasks.revoke import revoke

@@ -31,6 +31,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from spec.digests import sha256_file
+
 CLOUD_KINDS = ("local", "ec2", "openstack")
 
 # Named like virt-sysprep's operations where the meaning is the same; all run unless disabled.
@@ -213,14 +215,6 @@ def _recipe_relative(value: str, info: ValidationInfo) -> str:
     if not full.is_file():
         raise ValueError(f"{value} is not a regular file (relative to {shown})")
     return normal
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- models
@@ -570,7 +564,7 @@ class BaseSpec(_Model):
             raise _field_error("is required with url: kiln checks every base it downloads", "sha256")
         base_dir = (info.context or {}).get("base_dir")
         if self.file is not None and self.sha256 is not None and base_dir is not None:
-            actual = _file_sha256(base_dir / self.file)
+            actual = sha256_file(base_dir / self.file)
             if actual != self.sha256:
                 raise _field_error(f"{self.file} has sha256 {actual}, not {self.sha256}", "sha256")
         return self
@@ -845,7 +839,7 @@ class Recipe(_Model):
         files = []
         for relative in self._relative_files():
             try:
-                files.append({"path": relative, "sha256": _file_sha256(self.resolve(relative))})
+                files.append({"path": relative, "sha256": sha256_file(self.resolve(relative))})
             except OSError as error:
                 problem = Problem(_field_of_file(self, relative), f"cannot read {relative}: {error.strerror}", None)
                 raise RecipeError(self._path or Path(self.name), [problem]) from error
