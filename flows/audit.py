@@ -15,11 +15,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.build import build_image
+from operations.audit import EXCLUDED_PATTERNS, FileComparison, PackageDiff, compare_disks, compare_packages
 from provenance import lineage, store
 from provenance.models import Build, Image, RecipeVersion
+from provenance.redact import describe
 from spec.recipe import RecipeError, load_recipe
-from tasks.audit import EXCLUDED_PATTERNS, FileComparison, PackageDiff, compare_disks, compare_packages
-from tasks.common import describe
 
 DEFAULT_THRESHOLD = 99.0  # percent of identical files an audit needs to pass
 

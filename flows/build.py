@@ -22,15 +22,16 @@ from pydantic import BaseModel, Field
 from clouds import open_cloud
 from flows.limits import limit_name_for, vm_slot
 from flows.trigger import trigger_of_this_run
+from operations.artifacts import build_summary_rows
+from operations.notify import notify_finished_build, notify_settings_problem
 from provenance import attest, gitinfo, lineage, store
+from provenance.redact import describe
 from spec import settings
 from spec.recipe import load_recipe, recorded_target
-from tasks.artifacts import build_summary_rows
-from tasks.common import BuildPlan, describe, release_open
+from tasks.common import BuildPlan, release_open
 from tasks.customize import customize
 from tasks.fetch_base import fetch_base
 from tasks.launch import keep_for_debugging, launch
-from tasks.notify import notify_finished_build, notify_settings_problem
 from tasks.register import register
 from tasks.sanitize import sanitize
 from tasks.snapshot import snapshot
@@ -162,11 +163,11 @@ def build_image(
         registered = register(plan, base, image, verification)
     except BaseException as exc:
         conclude_failure(plan, exc)
-        notify_finished_build(plan)
+        notify_finished_build(plan.build_id, list(plan.recipe.notify))
         raise
     store.finish_build(plan.build_id, "succeeded")
     _ACTIVE.pop(str(flow_run.id), None)
-    notify_finished_build(plan)
+    notify_finished_build(plan.build_id, list(plan.recipe.notify))
     return asdict(TargetResult(target, plan.build_id, "succeeded", registered.image_id, "register"))
 
 

@@ -16,10 +16,10 @@ from prefect.runtime import deployment, flow_run
 from clouds import open_cloud
 from flows.build import build_image
 from flows.status import builds_of_run
+from operations.gc import parse_duration
 from provenance import lineage, store
 from spec.recipe import BaseSpec, Recipe, RecipeError, Target, load_recipe
 from spec.settings import KILN_VERSION
-from tasks.gc import parse_duration
 
 
 @dataclass

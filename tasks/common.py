@@ -30,7 +30,7 @@ from clouds.base import (
 )
 from provenance import store
 from provenance.gitinfo import GitInfo
-from provenance.redact import LineRedactor, redact, redact_logs
+from provenance.redact import LineRedactor, describe, redact, redact_logs
 from spec.recipe import Recipe
 
 STAGES = ("fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register")
@@ -191,12 +191,6 @@ def stage(name: str, *, retries: int = 0, retry_delay_seconds: float = 5) -> Cal
         )
 
     return decorate
-
-
-def describe(exc: BaseException) -> str:
-    """The exception as one message for a person, redacted: its text, after its type unless that says nothing."""
-    text = str(exc) or type(exc).__name__
-    return redact(text if isinstance(exc, RuntimeError | ValueError | OSError) else f"{type(exc).__name__}: {text}")
 
 
 def holds_secret(exc: BaseException) -> bool:

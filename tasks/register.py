@@ -10,11 +10,12 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from clouds.base import TAG_ROLE, TAG_VALID_UNTIL, ImageRef
+from operations.artifacts import ancestry_markdown
 from provenance import attest, store
+from provenance.redact import describe
 from spec import settings
 from spec.recipe import valid_until as end_of_validity
-from tasks.artifacts import ancestry_markdown
-from tasks.common import BuildPlan, StepLog, describe, hand_over, ledgered, stage
+from tasks.common import BuildPlan, StepLog, hand_over, ledgered, stage
 from tasks.fetch_base import ResolvedBase
 from tasks.verify import Verification
 

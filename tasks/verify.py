@@ -10,10 +10,7 @@ from pathlib import Path
 
 from clouds import ssh
 from clouds.base import ImageRef
-from provenance import store
-from spec.recipe import BaseSpec, Probe
-from tasks.common import BuildPlan, StepLog, stage
-from tasks.image_audit import (
+from operations.image_audit import (
     BuildGuestFacts,
     ImageAuditFailed,
     audit_booted,
@@ -22,6 +19,9 @@ from tasks.image_audit import (
     checks_for,
     key_blob,
 )
+from provenance import store
+from spec.recipe import BaseSpec, Probe
+from tasks.common import BuildPlan, StepLog, stage
 from tasks.launch import Guest, release_guest, start_guest
 from tasks.wait_boot import connect_when_booted
 

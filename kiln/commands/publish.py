@@ -15,7 +15,7 @@ from spec.recipe import EC2Target, OpenStackTarget, RecipeError, load_recipe
 if TYPE_CHECKING:  # boto3 and openstacksdk take seconds to import: only `kiln publish` pays for them
     from clouds.ec2 import EC2Cloud
     from clouds.openstack import OpenStackCloud
-    from tasks.publish import Publication
+    from operations.publish import Publication
 
 
 def register(app: typer.Typer) -> None:
@@ -40,7 +40,7 @@ def publish(
     from clouds.base import CloudError
     from clouds.ec2 import EC2Cloud
     from clouds.openstack import OpenStackCloud
-    from tasks.publish import PublishRefused
+    from operations.publish import PublishRefused
 
     cloud = _cloud(to, recipe, share, region=region, endpoint_url=endpoint_url, profile=profile)
     if isinstance(cloud, EC2Cloud) and not bucket:
@@ -66,7 +66,7 @@ def _publish(
     image_id: str, cloud: OpenStackCloud | EC2Cloud, name: str | None, bucket: str | None, say: Callable[[str], None]
 ) -> Publication:
     from clouds.ec2 import EC2Cloud
-    from tasks.publish import publish_image, publish_image_to_ec2
+    from operations.publish import publish_image, publish_image_to_ec2
 
     if isinstance(cloud, EC2Cloud):
         return publish_image_to_ec2(image_id, cloud, bucket=str(bucket), name=name, progress=say)

@@ -16,10 +16,10 @@ from clouds.base import TAG_BUILD, ImageRef
 from clouds.local import LocalCloud
 from clouds.openstack import OpenStackCloud
 from kiln.cli import app
+from operations.publish import publish_image
 from provenance import lineage, store
 from provenance.gitinfo import GitInfo
 from spec import settings
-from tasks.publish import publish_image
 from tests.openstack_server import OpenStackServers
 
 pytest_plugins = ["tests.clouds.openstack_fixtures"]

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from clouds import container, disk
+from operations.audit import compare_packages
 from provenance import lineage, store
 from spec import settings
-from tasks.audit import compare_packages
 from tests.flows.conftest import KILN, FailedScriptBuild, HelloBuild, committed_recipe, run_kiln, service_recipe
 
 pytestmark = pytest.mark.vm

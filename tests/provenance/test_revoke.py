@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 
 from clouds.local import LocalCloud
 from kiln.cli import app
+from operations.revoke import revoke
 from provenance import gitinfo, lineage, store
 from spec import settings
 from spec.recipe import load_recipe
 from tasks.common import BuildPlan
 from tasks.fetch_base import RevokedBaseError, fetch_base
-from tasks.revoke import revoke
 from tests.provenance.seeded_chain import Chain, seed_chain
 
 runner = CliRunner()

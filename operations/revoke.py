@@ -17,10 +17,10 @@ from typing import Any
 from clouds import open_cloud
 from clouds.base import ImageRef
 from provenance import lineage, store
+from provenance.redact import describe
 from provenance.store import RevokedImage
 from spec import settings
 from spec.recipe import recorded_target
-from tasks.common import describe
 
 
 @dataclass

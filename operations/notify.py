@@ -11,10 +11,9 @@ from prefect.exceptions import MissingContextError
 
 from provenance import lineage
 from provenance.lineage import BuildDetail
-from provenance.redact import redact
+from provenance.redact import describe, redact
 from spec import settings
 from spec.recipe import masked_notify_url, notify_url_problem
-from tasks.common import BuildPlan, describe
 
 log = logging.getLogger("kiln.notify")
 
@@ -28,28 +27,29 @@ def notify_settings_problem() -> str | None:
     return None
 
 
-def notification_urls(plan: BuildPlan) -> list[str]:
+def notification_urls(recipe_urls: list[str]) -> list[str]:
     """The host's URLs (KILN_NOTIFY) and the recipe's, each once."""
-    recipe_urls = list(plan.recipe.notify) if plan.recipe is not None else []
     return list(dict.fromkeys([*settings.notify_urls(), *recipe_urls]))
 
 
-def notify_finished_build(plan: BuildPlan) -> None:
-    """Send the finished build's message to every URL; log, never raise, what could not be sent."""
-    urls = notification_urls(plan)
+def notify_finished_build(build_id: str, recipe_urls: list[str]) -> None:
+    """Send the finished build's message to every URL (the host's and the recipe's `notify`); log, never raise,
+    what could not be sent."""
+    urls = notification_urls(recipe_urls)
     if not urls:
         return
+    short_id = build_id[:8]
     try:
-        detail = lineage.get_build(plan.build_id)
+        detail = lineage.get_build(build_id)
         if detail is None:
             return
         title, body = build_message(detail)
         kind = apprise.NotifyType.SUCCESS if detail.build.status == "succeeded" else apprise.NotifyType.FAILURE
     except Exception as exc:  # reading provenance failed: say so, the build's own outcome stands
-        _warn(f"build {plan.short_id}: no notification sent: {describe(exc)}")
+        _warn(f"build {short_id}: no notification sent: {describe(exc)}")
         return
     for url in urls:
-        _send(url, title, body, kind, plan.short_id)
+        _send(url, title, body, kind, short_id)
 
 
 def _send(url: str, title: str, body: str, kind: apprise.NotifyType, build: str) -> None:

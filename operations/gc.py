@@ -14,9 +14,9 @@ from typing import Any
 from clouds import open_cloud
 from clouds.base import TAG_BUILD, Resource
 from provenance import lineage, store
+from provenance.redact import describe
 from spec import settings
 from spec.recipe import recorded_target
-from tasks.common import describe
 
 # Instances hold key pairs, groups and addresses; images hold snapshots: release in this order.
 RELEASE_ORDER = (
