@@ -19,7 +19,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from clouds import open_cloud
+from clouds import open_cloud, registry
 from flows.limits import limit_name_for, vm_slot
 from flows.trigger import trigger_of_this_run
 from operations.artifacts import build_summary_rows
@@ -27,7 +27,7 @@ from operations.notify import notify_finished_build, notify_settings_problem
 from provenance import attest, gitinfo, lineage, store
 from provenance.redact import describe
 from spec import settings
-from spec.recipe import load_recipe, recorded_target
+from spec.recipe import load_recipe
 from tasks.common import BuildPlan, release_open
 from tasks.customize import customize
 from tasks.fetch_base import fetch_base
@@ -84,12 +84,13 @@ def prepare(
         git=git,
     )
     spec = recipe.targets[target]
+    cloud = open_cloud(spec, recipe.timeouts, target_name=target)
     store.mark_interrupted_builds()  # a build whose process died stops being "running" when kiln next starts one
     build_id = store.start_build(
         recipe_version_id=version_id,
         target=target,
-        cloud=spec.cloud,
-        region=getattr(spec, "region", "") or "",
+        cloud=cloud.name,
+        region=cloud.region,
         trigger=trigger,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         parameters={"recipe": str(recipe_path), "target": target, "on_error": on_error, "build_in": spec.build_in,
@@ -101,7 +102,7 @@ def prepare(
         target_name=target,
         git=git,
         recipe_version_id=version_id,
-        cloud=open_cloud(spec, recipe.timeouts, target_name=target),
+        cloud=cloud,
         on_error=on_error,
         use_cache=use_cache,
     )
@@ -175,7 +176,7 @@ def build_image(
 def holding_vm(plan: BuildPlan) -> Iterator[None]:
     """One slot of the target cloud's kiln-vms-* limit while the body has a VM; a failure releases the VM
     before the slot, so the cloud never runs more kiln VMs than its limit (--on-error abort keeps its guest)."""
-    with vm_slot(limit_name_for(plan.target, plan.target_name)):
+    with vm_slot(limit_name_for(plan.cloud)):
         try:
             yield
         except BaseException:
@@ -282,10 +283,13 @@ def cleanup_build(build_id: str) -> list[str]:
     detail = lineage.get_build(build_id)
     if detail is None:
         raise BadInput(f"no build {build_id!r} in the provenance database")
-    recipe = json.loads(detail.recipe.recipe_json)
-    target = recorded_target(recipe["targets"][detail.build.target])
+    recorded = json.loads(detail.recipe.recipe_json).get("targets", {}).get(detail.build.target)
+    cloud = registry.reopen(detail.build.cloud, target=recorded, target_name=detail.build.target,
+                            region=detail.build.region or "")
+    if cloud is None:
+        raise BadInput(f"build {build_id}: its recipe records no {detail.build.cloud} target kiln can reach it through")
     plan = BuildPlan(build_id=detail.build.id, recipe=None, target_name=detail.build.target, git=None,
-                     recipe_version_id=detail.recipe.id, cloud=open_cloud(target, target_name=detail.build.target))
+                     recipe_version_id=detail.recipe.id, cloud=cloud)
     errors = release_open(plan)
     shutil.rmtree(settings.data_dir() / "debug" / detail.build.id, ignore_errors=True)
     return errors

@@ -31,9 +31,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from spec import settings
 from spec.digests import sha256_file
-
-CLOUD_KINDS = ("local", "ec2", "openstack")
 
 # Named like virt-sysprep's operations where the meaning is the same; all run unless disabled.
 SANITIZE_OPERATIONS = (
@@ -574,24 +573,34 @@ class BaseSpec(_Model):
         return next(source for source in BASE_SOURCES if getattr(self, source) is not None)  # type: ignore[return-value]
 
 
-class _TargetBase(_Model):
+class CloudTarget(_Model):
+    """What every target says, whatever its cloud; each cloud's model adds its own fields and its `cloud` literal
+    (the discriminator)."""
+
     base: BaseSpec
     ssh_user: str = Field(default="debian", pattern=UNIX_USER, description="Login user of the base image.")
     disk_size_gb: int | None = Field(default=None, gt=0, le=16384)
     build_in: Literal["vm"] = Field(default="vm", description="Cloud targets build in an instance reached over SSH.")
 
     _allowed_bases: typing.ClassVar[tuple[str, ...]] = BASE_SOURCES
+    _owners_apply: typing.ClassVar[bool] = False  # base.owners narrows a name search to these image owners
 
     @model_validator(mode="after")
-    def _base_fits_cloud(self) -> _TargetBase:
+    def _base_fits_cloud(self) -> CloudTarget:
         cloud = type(self).model_fields["cloud"].default
         kind = self.base.kind
         if kind not in self._allowed_bases:
             allowed = ", ".join(self._allowed_bases)
             raise _field_error(f"{kind} bases are not available for {cloud} targets (use {allowed})", "base", kind)
-        if self.base.owners is not None and cloud != "ec2":
-            raise _field_error(f"owners only applies to ec2 targets, not {cloud}", "base", "owners")
+        if self.base.owners is not None and not self._owners_apply:
+            owning = ", ".join(sorted(kind for kind, model in _MODELS.items() if model._owners_apply))
+            raise _field_error(f"owners only applies to {owning} targets, not {cloud}", "base", "owners")
         return self
+
+    def check_settings(self) -> None:
+        """Read the host settings a build of this target uses, so a bad one stops the build before anything starts
+        (SettingsError naming the setting)."""
+        settings.data_dir()
 
 
 def _recorded(info: ValidationInfo | None) -> bool:
@@ -624,7 +633,7 @@ def _ec2_cidr(value: str | None, info: ValidationInfo) -> str | None:
     return value if value == SSH_CIDR_AUTO else _cidr(value, info)
 
 
-class LocalTarget(_TargetBase):
+class LocalTarget(CloudTarget):
     """This host: a container (or a QEMU guest) to build in, a QEMU guest to verify in."""
 
     cloud: Literal["local"] = "local"
@@ -646,8 +655,12 @@ class LocalTarget(_TargetBase):
 
     _allowed_bases = ("image", "name", "file", "url", "bootstrap")
 
+    def check_settings(self) -> None:
+        super().check_settings()
+        settings.cache_dir()
 
-class EC2Target(_TargetBase):
+
+class EC2Target(CloudTarget):
     """Amazon EC2 (or an EC2-compatible endpoint)."""
 
     cloud: Literal["ec2"] = "ec2"
@@ -676,7 +689,13 @@ class EC2Target(_TargetBase):
     )
 
     _allowed_bases = ("image", "name", "ssm_parameter")
+    _owners_apply = True
     _check_cidr = field_validator("ssh_cidr")(_ec2_cidr)
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        if self.ssh_cidr == SSH_CIDR_AUTO and self.public_ip_url is None:
+            settings.public_ip_url()
 
     @model_validator(mode="after")
     def _nothing_open_to_the_world(self, info: ValidationInfo) -> EC2Target:
@@ -691,7 +710,7 @@ class EC2Target(_TargetBase):
         return self
 
 
-class OpenStackTarget(_TargetBase):
+class OpenStackTarget(CloudTarget):
     """An OpenStack cloud reached through a clouds.yaml entry."""
 
     cloud: Literal["openstack"] = "openstack"
@@ -714,6 +733,10 @@ class OpenStackTarget(_TargetBase):
 
 Target = Annotated[LocalTarget | EC2Target | OpenStackTarget, Field(discriminator="cloud")]
 _TARGET = TypeAdapter(Target)
+_MODELS: dict[str, type[CloudTarget]] = {
+    model.model_fields["cloud"].default: model for model in typing.get_args(typing.get_args(Target)[0])
+}
+CLOUD_KINDS = tuple(_MODELS)  # every cloud a target may name (each has its backend in clouds/registry.py)
 
 
 def recorded_target(spec: dict[str, Any]) -> LocalTarget | EC2Target | OpenStackTarget:

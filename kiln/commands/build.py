@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kiln.commands.output import fail, safe, stderr
-from spec.recipe import EC2Target, Recipe, RecipeError, load_recipe, printable
+from spec.recipe import Recipe, RecipeError, load_recipe, printable
 
 STAGES = ("fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register")
 STYLE = {"waiting": "dim", "running": "bold yellow", "succeeded": "green", "failed": "bold red", "cancelled": "red"}
@@ -200,14 +200,9 @@ def _check_settings(recipe: Recipe, targets: list[str]) -> None:
     """The settings the build will use, before Prefect starts: a SettingsError is one line naming the setting,
     exit 2 (kiln.cli), and nothing is launched."""
     from provenance import store
-    from spec import settings
 
-    settings.data_dir()
-    if any(recipe.targets[name].cloud == "local" for name in targets):
-        settings.cache_dir()
-    if any(isinstance(recipe.targets[name], EC2Target) and recipe.targets[name].ssh_cidr == "auto"
-           and recipe.targets[name].public_ip_url is None for name in targets):
-        settings.public_ip_url()
+    for name in targets:
+        recipe.targets[name].check_settings()
     store.engine()  # created and migrated: a database kiln cannot use stops here
 
 
