@@ -7,10 +7,7 @@ import json
 import os
 import re
 import shutil
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -20,31 +17,19 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from clouds import open_cloud, registry
-from flows.limits import limit_name_for, vm_slot
+from flows.request import BadInput, checked_request
+from flows.stages import CANCELLED, release_unless_kept, run_stages
 from flows.trigger import trigger_of_this_run
 from operations.artifacts import build_summary_rows
-from operations.notify import notify_finished_build, notify_settings_problem
-from provenance import attest, gitinfo, lineage, store
+from operations.notify import notify_finished_build
+from provenance import gitinfo, lineage, store
 from provenance.redact import describe
 from spec import settings
 from spec.recipe import load_recipe
 from tasks.common import BuildPlan, release_open
-from tasks.customize import customize
-from tasks.fetch_base import fetch_base
-from tasks.launch import keep_for_debugging, launch
-from tasks.register import register
-from tasks.sanitize import sanitize
-from tasks.snapshot import snapshot
-from tasks.verify import verify
-from tasks.wait_boot import wait_boot
 
 OnError = Literal["cleanup", "abort"]
-CANCELLED = threading.Event()  # set by Ctrl-C in this process: failing builds record "cancelled"
 _ACTIVE: dict[str, BuildPlan] = {}  # flow run id -> plan, for the flow's failure hooks in this process
-
-
-class BadInput(ValueError):
-    """The request is wrong before anything started (unknown target, dirty tree with --require-clean)."""
 
 
 @dataclass
@@ -68,11 +53,7 @@ def prepare(
     recipe_path: str, target: str, *, trigger: str, on_error: str, require_clean: bool, use_cache: bool = True
 ) -> BuildPlan:
     """Validate, capture git, record the recipe version and open the Build row: nothing launched yet."""
-    recipe = load_recipe(recipe_path)
-    if target not in recipe.targets:
-        raise BadInput(f"{recipe_path}: targets.{target}: no such target (have: {', '.join(recipe.targets)})")
-    if problem := attest.signing_key_problem() or notify_settings_problem():
-        raise BadInput(problem)  # a key register would sign with, a URL nobody could be told at: before launching
+    recipe, _ = checked_request(recipe_path, [target])
     git = gitinfo.capture(recipe.path, recipe.referenced_files())
     if require_clean:
         gitinfo.require_clean(git)
@@ -108,33 +89,23 @@ def prepare(
     )
 
 
-def conclude_failure(plan: BuildPlan, exc: BaseException) -> None:
-    """Record the failure, then undo everything in reverse order (or keep it all with --on-error abort)."""
-    cancelled = (
-        CANCELLED.is_set()
-        or isinstance(exc, KeyboardInterrupt | SystemExit)
-        or type(exc).__name__ == "TerminationSignal"
-    )
-    if plan.on_error == "abort" and not cancelled:
-        notes = keep_for_debugging(plan)
-        store.finish_build(plan.build_id, "failed", error="\n".join([describe(exc), *notes]))
-        return
-    leftovers = release_open(plan)
-    error = describe(exc) + (f"; could not release: {'; '.join(leftovers)}" if leftovers else "")
-    store.finish_build(plan.build_id, "cancelled" if cancelled else "failed", error=error)
-
-
-def _release_on_hook(flow, run, state) -> None:  # noqa: ANN001 - Prefect's hook signature
+def _release_after_failure(flow, run, state) -> None:  # noqa: ANN001 - Prefect's hook signature
     plan = _ACTIVE.pop(str(run.id), None)
-    if plan is not None and plan.on_error != "abort":
-        release_open(plan)
+    if plan is not None:
+        release_unless_kept(plan, cancelled=False)
+
+
+def _release_after_cancellation(flow, run, state) -> None:  # noqa: ANN001 - Prefect's hook signature
+    plan = _ACTIVE.pop(str(run.id), None)
+    if plan is not None:
+        release_unless_kept(plan, cancelled=True)
 
 
 @flow(
     name="build-image",
-    on_failure=[_release_on_hook],
-    on_cancellation=[_release_on_hook],
-    on_crashed=[_release_on_hook],
+    on_failure=[_release_after_failure],
+    on_cancellation=[_release_after_cancellation],
+    on_crashed=[_release_after_cancellation],
 )
 def build_image(
     recipe: str,
@@ -150,39 +121,13 @@ def build_image(
                    require_clean=require_clean, use_cache=use_cache)
     _ACTIVE[str(flow_run.id)] = plan
     try:
-        base = fetch_base(plan)
-        # One slot from launch to verify's end: the build guest is released in snapshot before verify boots the
-        # image, so the build never runs two VMs, and it neither pays a slot's release and re-acquisition (two
-        # Prefect requests) nor waits for a slot again half-way.
-        with holding_vm(plan):
-            guest = launch(plan, base.image)
-            wait_boot(plan, guest)
-            customize(plan, guest)
-            sanitize(plan, guest)
-            image = snapshot(plan, guest)
-            verification = verify(plan, image)
-        registered = register(plan, base, image, verification)
-    except BaseException as exc:
-        conclude_failure(plan, exc)
+        made = run_stages(plan)  # flows/stages.py: the order, the VM slot and the one failure policy
+        store.finish_build(plan.build_id, "succeeded")
+    finally:
         notify_finished_build(plan.build_id, list(plan.recipe.notify))
-        raise
-    store.finish_build(plan.build_id, "succeeded")
     _ACTIVE.pop(str(flow_run.id), None)
-    notify_finished_build(plan.build_id, list(plan.recipe.notify))
-    return asdict(TargetResult(target, plan.build_id, "succeeded", registered.image_id, "register"))
-
-
-@contextmanager
-def holding_vm(plan: BuildPlan) -> Iterator[None]:
-    """One slot of the target cloud's kiln-vms-* limit while the body has a VM; a failure releases the VM
-    before the slot, so the cloud never runs more kiln VMs than its limit (--on-error abort keeps its guest)."""
-    with vm_slot(limit_name_for(plan.cloud)):
-        try:
-            yield
-        except BaseException:
-            if plan.on_error != "abort" or CANCELLED.is_set():
-                release_open(plan)
-            raise
+    assert made.registered is not None
+    return asdict(TargetResult(target, plan.build_id, "succeeded", made.registered.image_id, "register"))
 
 
 class BuildRequest(BaseModel):
@@ -199,14 +144,7 @@ class BuildRequest(BaseModel):
 
 def targets_of(request: BuildRequest) -> list[str]:
     """All requested targets, checked before any build starts."""
-    recipe = load_recipe(request.recipe)
-    targets = request.targets or list(recipe.targets)
-    unknown = [t for t in targets if t not in recipe.targets]
-    if unknown:
-        raise BadInput(f"{request.recipe}: targets.{unknown[0]}: no such target (have: {', '.join(recipe.targets)})")
-    if problem := attest.signing_key_problem() or notify_settings_problem():
-        raise BadInput(problem)
-    return targets
+    return checked_request(request.recipe, request.targets)[1]
 
 
 @flow(name="build-recipe")
@@ -257,7 +195,7 @@ def cancel_active_builds() -> None:
     """
     CANCELLED.set()
     for plan in list(_ACTIVE.values()):
-        release_open(plan)
+        release_unless_kept(plan, cancelled=True)
 
 
 def _result(target: str, state) -> TargetResult:  # noqa: ANN001 - a Prefect State

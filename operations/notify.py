@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 
 import apprise
-from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
 
 from provenance import lineage
 from provenance.lineage import BuildDetail
@@ -67,6 +65,9 @@ def _send(url: str, title: str, body: str, kind: apprise.NotifyType, build: str)
 
 
 def _warn(message: str) -> None:
+    from prefect import get_run_logger  # here: kiln build checks KILN_NOTIFY before Prefect is imported
+    from prefect.exceptions import MissingContextError
+
     try:
         get_run_logger().warning("%s", message)
     except MissingContextError:

@@ -31,9 +31,7 @@ from clouds.base import (
 from provenance import store
 from provenance.gitinfo import GitInfo
 from provenance.redact import LineRedactor, describe, redact, redact_logs
-from spec.recipe import Recipe
-
-STAGES = ("fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register")
+from spec.recipe import CloudTarget, Recipe
 
 T = TypeVar("T")
 log = logging.getLogger("kiln.build")
@@ -63,7 +61,7 @@ class BuildPlan:
     use_cache: bool = True  # customize may reuse layers of earlier builds (where the build machine keeps them)
 
     @property
-    def target(self) -> Any:
+    def target(self) -> CloudTarget:
         return self.recipe.targets[self.target_name]
 
     @property
