@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.prefect_server import PREFECT, prefect_server, server_env, stop_group
+from bench.prefect_server import PREFECT, prefect_server, server_env, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 SKIP_TARGET_SECONDS = 10.0

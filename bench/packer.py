@@ -403,7 +403,7 @@ def cold_cache(directory: Path) -> Path:
 def running_prefect_server(tmp: Path) -> Iterator[str]:
     """A `prefect server start` for the kiln builds, answering already (as a long-running one would)."""
     from bench.overhead import warm_up
-    from tests.prefect_server import prefect_server
+    from bench.prefect_server import prefect_server
 
     home = tmp / "prefect-home"
     home.mkdir()
