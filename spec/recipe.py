@@ -34,7 +34,7 @@ from pydantic_core import PydanticCustomError
 from spec import settings
 from spec.digests import sha256_file
 
-# Named like virt-sysprep's operations where the meaning is the same; all run unless disabled.
+# Named like virt-sysprep's operations where the meaning is the same; all run unless the recipe names some.
 SANITIZE_OPERATIONS = (
     "ssh-hostkeys",
     "ssh-userdir",
@@ -313,20 +313,28 @@ ScriptEntry = Annotated[Script, BeforeValidator(_script_from_yaml, json_schema_i
 
 
 class SanitizeSpec(_Model):
-    """Which sanitize operations run before the snapshot: all of them, minus `disable`."""
+    """Which sanitize operations run before the snapshot: all of them; only those `enable` names (as virt-sysprep's
+    --enable); or all but those `disable` names. Not both lists."""
 
-    enable: list[Literal[SANITIZE_OPERATIONS]] = []  # type: ignore[valid-type]
-    disable: list[Literal[SANITIZE_OPERATIONS]] = []  # type: ignore[valid-type]
+    enable: list[Literal[SANITIZE_OPERATIONS]] = Field(  # type: ignore[valid-type]
+        default=[], description="Run only these operations (every other one is left out).")
+    disable: list[Literal[SANITIZE_OPERATIONS]] = Field(  # type: ignore[valid-type]
+        default=[], description="Run every operation but these.")
 
     @model_validator(mode="after")
     def _not_both(self) -> SanitizeSpec:
         for index, name in enumerate(self.disable):
             if name in self.enable:
                 raise _field_error(f"{name!r} is both enabled and disabled; keep it in one list", "disable", index)
+        if self.enable and self.disable:
+            raise _field_error("give enable (only these run) or disable (every operation but these run), not both",
+                               "disable")  # fmt: skip
         return self
 
     def selected(self) -> list[str]:
         """The operations to run, in SANITIZE_OPERATIONS order."""
+        if self.enable:
+            return [name for name in SANITIZE_OPERATIONS if name in self.enable]
         return [name for name in SANITIZE_OPERATIONS if name not in self.disable]
 
 

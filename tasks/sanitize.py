@@ -21,7 +21,6 @@ class Operation:
     heading: str
     description: str
     script: Callable[[str], str]  # ssh user -> shell script run as root
-    default: bool = True
 
 
 def _remove(*globs: str) -> Callable[[str], str]:
