@@ -18,7 +18,7 @@ import paramiko
 from clouds import ssh
 from clouds.base import KeyPair
 from clouds.local import LocalCloud
-from spec.digests import sha256_file
+from core.digests import sha256_file
 
 TARGET_BOOT_SECONDS = 60
 USER = "debian"

@@ -58,9 +58,9 @@ def make_recipes(directory: Path, count: int) -> list[Path]:
 def seed_good_images(paths: list[Path]) -> None:
     """Record for each recipe a succeeded build on today's base by this kiln: what a previous night left."""
     from clouds import open_cloud
+    from core.recipe import load_recipe
     from flows.nightly import base_spec
     from provenance import gitinfo, store
-    from spec.recipe import load_recipe
 
     for path in paths:
         recipe = load_recipe(path)

@@ -34,8 +34,8 @@ from bench._chroot import ChrootRun, timed_in_chroot
 from clouds import qemu
 from clouds.base import KeyPair
 from clouds.local import LocalCloud
-from spec import settings
-from spec.digests import sha256_file
+from core import settings
+from core.digests import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "bench" / "packer"

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_check
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from spec.digests import file_digests
-from spec.recipe import BaseSpec, CloudTarget, Timeouts
+from clouds.errors import BootTimeout, CloudError, HostKeyMismatch  # noqa: F401 - what backends take from here
+from core.digests import file_digests
+from core.recipe import BaseSpec, CloudTarget, Timeouts
 
 if TYPE_CHECKING:
     from clouds.layers import Layer
@@ -34,18 +35,6 @@ RELEASE_ORDER = (
     "instance", "image", "snapshot", "volume", "import-task", "object", "keypair", "security-group", "floating-ip",
     "process", "mount", "loop", "netns", "file",
 )  # fmt: skip
-
-
-class CloudError(RuntimeError):
-    """A cloud call failed; the message names the resource and what to do."""
-
-
-class BootTimeout(CloudError):
-    """The guest did not become reachable in time; the message carries the console tail."""
-
-
-class HostKeyMismatch(CloudError):
-    """The guest's SSH host key differs from the one its console announced."""
 
 
 @dataclass(frozen=True)
@@ -408,7 +397,7 @@ class Backend(Generic[TargetT]):
     opened cloud implements."""
 
     kind: str  # the `cloud:` of its targets
-    target_model: type[TargetT]  # its targets' recipe model (spec/recipe.py), the discriminator's other half
+    target_model: type[TargetT]  # its targets' recipe model (core/recipe.py), the discriminator's other half
     open_target: Callable[[TargetT, Timeouts | None, str], Cloud]  # a target, its timeouts, its name -> the cloud
     default_vm_limit: Callable[[], int]  # VMs at once where no kiln-vms-* limit is set (the ephemeral server)
     # The cloud at a place provenance recorded (its region column) without a target; None when a place alone does

@@ -25,7 +25,7 @@ from pathlib import Path
 from clouds import qemu
 from clouds.base import CloudError
 from clouds.fetch import file_lock
-from spec.digests import sha256_file
+from core.digests import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -55,8 +55,8 @@ from clouds.base import (
     StopResult,
 )
 from clouds.ssh import CONSOLE_POLL_SECONDS
-from spec import settings
-from spec.recipe import BaseSpec, EC2Target, Timeouts
+from core import settings
+from core.recipe import BaseSpec, EC2Target, Timeouts
 
 log = logging.getLogger(__name__)
 

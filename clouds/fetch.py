@@ -16,8 +16,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from clouds.base import CloudError
-from spec.digests import sha256_file
+from clouds.errors import CloudError
+from core.digests import sha256_file
 
 log = logging.getLogger(__name__)
 

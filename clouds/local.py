@@ -36,9 +36,9 @@ from clouds.base import (
 from clouds.layers import Layer, LayerCache, Manifest, manifest
 from clouds.ova import build_ova
 from clouds.session import Session
-from spec import settings
-from spec.digests import sha256_file
-from spec.recipe import BaseSpec, LocalTarget, Timeouts
+from core import settings
+from core.digests import sha256_file
+from core.recipe import BaseSpec, LocalTarget, Timeouts
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from clouds.base import (
     StopResult,
 )
 from clouds.ssh import CONSOLE_POLL_SECONDS
-from spec.recipe import BaseSpec, OpenStackTarget, Timeouts
+from core.recipe import BaseSpec, OpenStackTarget, Timeouts
 
 log = logging.getLogger("kiln.openstack")
 

@@ -9,9 +9,9 @@ import importlib
 from typing import Any
 
 from clouds.base import Backend, Cloud, Collectable
-from spec.recipe import CLOUD_KINDS, CloudTarget, Timeouts, recorded_target
+from core.recipe import CLOUD_KINDS, CloudTarget, Timeouts, recorded_target
 
-# kind -> the module declaring BACKEND. Adding a cloud: its module, one line here, its target model in spec/recipe.py.
+# kind -> the module declaring BACKEND. Adding a cloud: its module, one line here, its target model in core/recipe.py.
 BACKENDS: dict[str, str] = {
     "local": "clouds.local",
     "ec2": "clouds.ec2",

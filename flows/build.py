@@ -17,6 +17,8 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from clouds import open_cloud, registry
+from core import settings
+from core.recipe import load_recipe
 from flows.request import BadInput, checked_request
 from flows.stages import CANCELLED, release_unless_kept, run_stages
 from flows.trigger import trigger_of_this_run
@@ -24,8 +26,6 @@ from operations.artifacts import build_summary_rows
 from operations.notify import notify_finished_build
 from provenance import gitinfo, lineage, store
 from provenance.redact import describe
-from spec import settings
-from spec.recipe import load_recipe
 from tasks.common import BuildPlan, release_open
 
 OnError = Literal["cleanup", "abort"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.recipe import Recipe, load_recipe
 from operations.notify import notify_settings_problem
 from provenance import attest
-from spec.recipe import Recipe, load_recipe
 
 
 class BadInput(ValueError):

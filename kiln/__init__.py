@@ -1,5 +1,5 @@
 """kiln: bake VM images from recipes kept in git, and remember how every image was made."""
 
-from spec.settings import KILN_VERSION as __version__
+from core.settings import KILN_VERSION as __version__
 
 __all__ = ["__version__"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clouds.disk import DiskError, linux_partition, mounted_read_only  # noqa: F401 - re-exported
-from spec.digests import sha256_file
+from core.digests import sha256_file
 
 # Paths (relative to the filesystem root, fnmatch patterns where * also crosses /) that differ between two
 # builds of the same commit for reasons unrelated to the recipe:

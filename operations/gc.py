@@ -13,9 +13,9 @@ from typing import Any
 
 from clouds import registry
 from clouds.base import RELEASE_ORDER, TAG_BUILD, Collectable, Resource
+from core import settings
 from provenance import lineage, store
 from provenance.redact import describe
-from spec import settings
 
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 from clouds.layers import Layer, LayerCache
-from spec import settings
+from core import settings
 
 
 def cached_layers() -> list[Layer]:

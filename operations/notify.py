@@ -7,11 +7,11 @@ import logging
 
 import apprise
 
+from core import settings
+from core.recipe import masked_notify_url, notify_url_problem
 from provenance import lineage
 from provenance.lineage import BuildDetail
 from provenance.redact import describe, redact
-from spec import settings
-from spec.recipe import masked_notify_url, notify_url_problem
 
 log = logging.getLogger("kiln.notify")
 

@@ -19,10 +19,10 @@ from typing import Any
 
 from clouds import open_cloud, registry
 from clouds.base import TAG_ROLE, Cloud, CloudError, HoldsConnection, ImageRef, PublishesImages
+from core.digests import sha256_file
+from core.recipe import load_recipe
 from provenance import lineage, store
 from provenance.redact import describe
-from spec.digests import sha256_file
-from spec.recipe import load_recipe
 
 log = logging.getLogger("kiln.publish")
 PUBLISHABLE_FORMATS = ("qcow2", "raw")

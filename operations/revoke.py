@@ -14,10 +14,10 @@ from typing import Any
 
 from clouds import registry
 from clouds.base import Cloud, HoldsConnection, ImageRef, RevokesImages
+from core import settings
 from provenance import lineage, store
 from provenance.redact import describe
 from provenance.store import RevokedImage
-from spec import settings
 
 
 @dataclass

@@ -25,9 +25,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from core.digests import sha256_file
+from core.settings import SIGNING_KEY_ENV
 from provenance import gitinfo, lineage
-from spec.digests import sha256_file
-from spec.settings import SIGNING_KEY_ENV
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"

@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, select, update
 
+from core.settings import KILN_VERSION, SettingsError, database_setting, database_url, without_password
 from provenance.gitinfo import GitInfo
 from provenance.graph import ROOTS, descendants_cte
 from provenance.models import (
@@ -47,7 +48,6 @@ from provenance.models import (
     utcnow,
 )
 from provenance.redact import OPEN_KEY, ends_open, redact, redact_continuation
-from spec.settings import KILN_VERSION, SettingsError, database_setting, database_url, without_password
 
 if TYPE_CHECKING:  # alembic is imported only to migrate (~0.3 s a process saved when the schema is current)
     from alembic.config import Config
@@ -76,7 +76,7 @@ class SchemaError(SettingsError):
 
 
 def engine(url: str | None = None) -> Engine:
-    """The engine for `url` (default: spec.settings.database_url()), created and migrated on first use.
+    """The engine for `url` (default: core.settings.database_url()), created and migrated on first use.
 
     A URL or a database kiln cannot use (unparsable, no driver, unreachable, not a database, not writable) is a
     SettingsError naming the setting and the cause."""

@@ -28,10 +28,10 @@ from clouds.base import (
     KeyPair,
     Resource,
 )
+from core.recipe import CloudTarget, Recipe
 from provenance import store
 from provenance.gitinfo import GitInfo
 from provenance.redact import LineRedactor, describe, redact, redact_logs
-from spec.recipe import CloudTarget, Recipe
 
 T = TypeVar("T")
 log = logging.getLogger("kiln.build")

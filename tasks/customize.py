@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from clouds.base import KeepsLayers
 from clouds.session import CommandFailed, Session
+from core.settings import KILN_VERSION
 from provenance import store
-from spec.settings import KILN_VERSION
 from tasks.common import BuildPlan, StepLog, note, stage
 from tasks.launch import Guest
 

@@ -9,8 +9,8 @@ import yaml
 
 from clouds.base import TAG_ROLE, BaseImage, Instance, KeyPair, OpensSessions
 from clouds.session import Session
+from core import settings
 from provenance import store
-from spec import settings
 from tasks.common import BuildPlan, StepLog, ledgered, release_open, stage
 
 

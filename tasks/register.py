@@ -10,11 +10,11 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from clouds.base import TAG_ROLE, TAG_VALID_UNTIL, ExpiresImages, ImageRef, ReplicatesImages, SharesImages
+from core import settings
+from core.recipe import valid_until as end_of_validity
 from operations.artifacts import ancestry_markdown
 from provenance import attest, store
 from provenance.redact import describe
-from spec import settings
-from spec.recipe import valid_until as end_of_validity
 from tasks.common import BuildPlan, StepLog, hand_over, ledgered, stage
 from tasks.fetch_base import ResolvedBase
 from tasks.verify import Verification

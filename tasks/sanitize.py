@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from clouds.session import CommandFailed, Session
-from spec.recipe import SANITIZE_OPERATIONS
+from core.recipe import SANITIZE_OPERATIONS
 from tasks.common import BuildPlan, StepLog, stage
 from tasks.launch import Guest
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from clouds import ssh
 from clouds.base import ImageRef
+from core.recipe import BaseSpec, Probe
 from operations.image_audit import (
     BuildGuestFacts,
     ImageAuditFailed,
@@ -20,7 +21,6 @@ from operations.image_audit import (
     key_blob,
 )
 from provenance import store
-from spec.recipe import BaseSpec, Probe
 from tasks.common import BuildPlan, StepLog, stage
 from tasks.launch import Guest, release_guest, start_guest
 from tasks.wait_boot import connect_when_booted

@@ -15,8 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from kiln.cli import app
-from spec.recipe import (
+from core.recipe import (
     SANITIZE_OPERATIONS,
     EC2Target,
     LocalTarget,
@@ -27,6 +26,7 @@ from spec.recipe import (
     load_recipe,
     recipe_json_schema,
 )
+from kiln.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 BAD_DIR = Path("tests/data/bad_recipes")  # relative to REPO, as a user would type it

@@ -17,8 +17,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from core.recipe import Recipe, RecipeError, printable
 from kiln.commands.output import fail, safe, stderr
-from spec.recipe import Recipe, RecipeError, printable
 
 STYLE = {"waiting": "dim", "running": "bold yellow", "succeeded": "green", "failed": "bold red", "cancelled": "red"}
 MARK = {"waiting": "·", "running": "▶", "succeeded": "✓", "failed": "✗", "cancelled": "⊘"}

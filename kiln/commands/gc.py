@@ -7,8 +7,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from core.recipe import printable
 from kiln.commands.output import fail, safe
-from spec.recipe import printable
 
 STYLE = {"released": "green", "would release": "yellow", "closed (never created)": "green"}
 

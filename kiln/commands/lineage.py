@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, NoReturn
 import typer
 from rich.tree import Tree
 
+from core.recipe import printable
 from kiln.commands.output import fail, safe, stdout
 from kiln.commands.records import _commit, _status, _where
-from spec.recipe import printable
 
 if TYPE_CHECKING:
     from provenance.lineage import Lineage, LineageNode

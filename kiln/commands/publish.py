@@ -8,8 +8,8 @@ from typing import NoReturn
 
 import typer
 
+from core.recipe import RecipeError
 from kiln.commands.output import fail, safe, stderr
-from spec.recipe import RecipeError
 
 
 def register(app: typer.Typer) -> None:

@@ -50,9 +50,9 @@ from clouds.base import (
     SharesImages,
     ShowsConsole,
 )
-from spec import settings
-from spec.digests import sha256_file
-from spec.recipe import CLOUD_KINDS, BaseSpec, EC2Target, LocalTarget, OpenStackTarget, Timeouts
+from core import settings
+from core.digests import sha256_file
+from core.recipe import CLOUD_KINDS, BaseSpec, EC2Target, LocalTarget, OpenStackTarget, Timeouts
 from tasks.launch import Guest, user_data
 from tasks.snapshot import power_off_from_inside
 from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures

@@ -21,9 +21,9 @@ from botocore.stub import ANY, Stubber
 from clouds import open_cloud
 from clouds.base import TAG_BUILD, TAG_ROLE, BaseImage, CloudError, ImageRef, KeyPair, Resource
 from clouds.ec2 import EC2Cloud, boot_mode_of, decode_console, publish_disk
+from core.recipe import BaseSpec, EC2Target, Timeouts, load_recipe
 from operations.publish import publish_image
 from provenance import gitinfo, lineage, store
-from spec.recipe import BaseSpec, EC2Target, Timeouts, load_recipe
 from tasks.common import BuildPlan, release_open
 from tasks.register import replicate
 from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures

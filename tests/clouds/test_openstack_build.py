@@ -22,8 +22,8 @@ import requests_mock
 from clouds.base import BaseImage, Instance, KeyPair
 from clouds.local import LocalCloud
 from clouds.openstack import OpenStackCloud
+from core import settings
 from provenance import lineage, store
-from spec import settings
 from tests.clouds.openstack_fake import FakeOpenStack, FakeServer, user_data_of
 from tests.conftest import REPO
 from tests.flows.conftest import committed_recipe, prefect_api  # noqa: F401 - the session Prefect server

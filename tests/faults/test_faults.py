@@ -20,8 +20,8 @@ import pytest
 
 from clouds.base import TAG_BUILD, KeyPair
 from clouds.local import LocalCloud
+from core import settings
 from provenance import lineage, store
-from spec import settings
 from tests.conftest import REPO
 from tests.flows.conftest import KILN, hello_recipe, prefect_api  # noqa: F401 - fixture
 from tests.flows.test_build_local import container_traces
@@ -83,7 +83,7 @@ def kill_and_collect(recipe: Path, target: str, stage: str, left, before_gc=None
 
 
 def recipe_name(recipe: Path) -> str:
-    from spec.recipe import load_recipe
+    from core.recipe import load_recipe
 
     return load_recipe(recipe).name
 

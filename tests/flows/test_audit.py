@@ -11,6 +11,7 @@ import pytest
 import yaml
 from git import Repo
 
+from core.recipe import load_recipe
 from flows.audit import (
     AuditError,
     FingerprintMismatch,
@@ -21,7 +22,6 @@ from flows.audit import (
 )
 from kiln.commands.audit import print_report
 from provenance import gitinfo, lineage, store
-from spec.recipe import load_recipe
 from tests.conftest import REPO
 from tests.flows.conftest import HelloBuild, git, hello_recipe, run_kiln
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from clouds import open_cloud
+from core.recipe import EC2Target, LocalTarget, OpenStackTarget
 from flows.limits import (
     LimitMissing,
     default_limit,
@@ -26,7 +27,6 @@ from flows.limits import (
     on_ephemeral_server,
     vm_slot,
 )
-from spec.recipe import EC2Target, LocalTarget, OpenStackTarget
 from tests.prefect_server import prefect_server, server_env
 
 KILN = Path(sys.executable).with_name("kiln")

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from clouds.base import TAG_BUILD, TAG_ROLE, KeyPair
 from clouds.ec2 import EC2Cloud
+from core.recipe import BaseSpec
 from kiln.cli import app
 from provenance import lineage, store
-from spec.recipe import BaseSpec
 from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
 from tests.flows.conftest import HelloBuild, committed_recipe, run_kiln
 

@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 
 from clouds import open_cloud
 from clouds.base import TAG_VALID_UNTIL, BaseImage, ImageFile, ImageRef
+from core import settings
+from core.recipe import BaseSpec, load_recipe
 from kiln.cli import app
 from provenance import attest, gitinfo, lineage, store
-from spec import settings
-from spec.recipe import BaseSpec, load_recipe
 from tasks.common import BuildPlan
 from tasks.fetch_base import ResolvedBase
 from tasks.register import register

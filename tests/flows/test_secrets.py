@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from core import settings
 from provenance import lineage
-from spec import settings
 from tests.flows.conftest import FailedScriptBuild
 from tests.secret_scan import scan_bytes, scan_database, scan_files
 

@@ -14,9 +14,9 @@ import pytest
 
 import flows.stages
 from clouds.base import Resource
+from core.recipe import load_recipe
 from flows.stages import STAGE_NAMES, STAGES, Made, Stage, run_stages
 from provenance import gitinfo, lineage, store
-from spec.recipe import load_recipe
 from tasks.common import BuildPlan, ledgered
 
 REPO = Path(__file__).resolve().parents[2]

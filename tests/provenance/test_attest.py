@@ -16,10 +16,10 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from typer.testing import CliRunner
 
+from core.settings import KILN_VERSION
 from kiln.cli import app
 from provenance import attest, lineage, store
 from provenance.gitinfo import GitInfo
-from spec.settings import KILN_VERSION
 
 runner = CliRunner()
 COMMIT = "c0ffee" * 6 + "beef"

@@ -29,9 +29,9 @@ from typer.testing import CliRunner
 from clouds import bootstrap
 from clouds.base import ImageFile, ImageRef
 from clouds.local import LocalCloud
+from core.recipe import load_recipe
 from kiln.cli import app
 from provenance import gitinfo, lineage, store
-from spec.recipe import load_recipe
 from tasks.common import BuildPlan
 from tasks.fetch_base import ResolvedBase, fetch_base
 from tasks.register import catalog_entry, record_image_rows, write_catalog

@@ -13,11 +13,11 @@ from prefect.logging import disable_run_logger
 from typer.testing import CliRunner
 
 from clouds.local import LocalCloud
+from core import settings
+from core.recipe import load_recipe
 from kiln.cli import app
 from operations.revoke import revoke
 from provenance import gitinfo, lineage, store
-from spec import settings
-from spec.recipe import load_recipe
 from tasks.common import BuildPlan
 from tasks.fetch_base import RevokedBaseError, fetch_base
 from tests.provenance.seeded_chain import Chain, seed_chain

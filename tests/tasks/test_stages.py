@@ -14,10 +14,10 @@ from prefect.logging import disable_run_logger
 
 from clouds.base import BaseImage, KeyPair, Resource
 from clouds.ssh import CommandFailed, RunResult
+from core.recipe import SANITIZE_OPERATIONS, load_recipe
+from core.settings import KILN_VERSION
 from flows.nightly import decide
 from provenance import gitinfo, lineage, store
-from spec.recipe import SANITIZE_OPERATIONS, load_recipe
-from spec.settings import KILN_VERSION
 from tasks.common import BuildPlan, StageError, ledgered, release_open, stage
 from tasks.fetch_base import fetch_base
 from tasks.launch import user_data

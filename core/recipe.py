@@ -31,8 +31,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from spec import settings
-from spec.digests import sha256_file
+from core import settings
+from core.digests import sha256_file
 
 # Named like virt-sysprep's operations where the meaning is the same; all run unless the recipe names some.
 SANITIZE_OPERATIONS = (
