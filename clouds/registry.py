@@ -87,4 +87,6 @@ def cloud_errors(kind: str) -> tuple[type[Exception], ...]:
     return backend(kind).errors
 
 
-assert tuple(BACKENDS) == CLOUD_KINDS, "every target model has its backend and every backend its target model"
+if tuple(BACKENDS) != CLOUD_KINDS:
+    raise ImportError(f"clouds/registry.py registers {', '.join(BACKENDS)} but core/recipe.py's targets are of "
+                      f"{', '.join(CLOUD_KINDS)}: every target model needs its backend and every backend its model")
