@@ -887,7 +887,7 @@ class Recipe(_Model):
         except KeyError:
             raise KeyError(f"recipe {self.name} has no target {name!r} (targets: {', '.join(self.targets)})") from None
 
-    def target_kind(self, name: str) -> Literal["local", "ec2", "openstack"]:
+    def target_kind(self, name: str) -> str:
         """Which cloud the target called `name` builds on."""
         return self.target(name).cloud
 
@@ -1325,12 +1325,11 @@ def _read_recipe_text(path: Path) -> str:
 def recipe_json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of the recipe YAML, for editors and other tools."""
     schema = Recipe.model_json_schema()
-    union = {"oneOf": [{"$ref": f"#/$defs/{model.__name__}"}
-                       for model in (LocalTarget, EC2Target, OpenStackTarget)]}
-    target_by_name = {"local": LocalTarget, "ec2": EC2Target, "openstack": OpenStackTarget}
+    union = {"oneOf": [{"$ref": f"#/$defs/{model.__name__}"} for model in _MODELS.values()]}
     schema["properties"]["targets"] = {
         "title": "Targets",
-        "description": "Clouds to build on, by target name. A target named local, ec2 or openstack "
+        "description": f"Clouds to build on, by target name. A target named {', '.join(CLOUD_KINDS[:-1])} or "
+                       f"{CLOUD_KINDS[-1]} "
                        "is of that cloud unless it sets `cloud`; any other name must set `cloud`.",
         "type": "object",
         "minProperties": 1,
@@ -1338,7 +1337,7 @@ def recipe_json_schema() -> dict[str, Any]:
         "properties": {
             name: {"if": {"required": ["cloud"]}, "then": union,
                    "else": {"$ref": f"#/$defs/{model.__name__}"}}
-            for name, model in target_by_name.items()
+            for name, model in _MODELS.items()
         },
         "additionalProperties": {"allOf": [{"required": ["cloud"]}, union]},
     }
