@@ -17,8 +17,8 @@ import paramiko
 
 from clouds import ssh
 from clouds.base import KeyPair
-from clouds.fetch import sha256_file
 from clouds.local import LocalCloud
+from core.digests import sha256_file
 
 TARGET_BOOT_SECONDS = 60
 USER = "debian"

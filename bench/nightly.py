@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.prefect_server import PREFECT, prefect_server, server_env, stop_group
+from bench.prefect_server import PREFECT, prefect_server, server_env, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 SKIP_TARGET_SECONDS = 10.0
@@ -58,8 +58,8 @@ def make_recipes(directory: Path, count: int) -> list[Path]:
 def seed_good_images(paths: list[Path]) -> None:
     """Record for each recipe a succeeded build on today's base by this kiln: what a previous night left."""
     from clouds import open_cloud
+    from core.recipe import load_recipe
     from flows.nightly import base_spec
-    from kiln.recipe import load_recipe
     from provenance import gitinfo, store
 
     for path in paths:

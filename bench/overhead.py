@@ -251,7 +251,7 @@ def run_mode(mode: str, recipe: Path, tmp: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         if mode == "server":
             sys.path.insert(0, str(ROOT))
-            from tests.prefect_server import prefect_server
+            from bench.prefect_server import prefect_server
 
             home = tmp / "prefect-home"
             home.mkdir()

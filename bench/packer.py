@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,8 @@ from bench._chroot import ChrootRun, timed_in_chroot
 from clouds import qemu
 from clouds.base import KeyPair
 from clouds.local import LocalCloud
-from kiln import settings
+from core import settings
+from core.digests import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "bench" / "packer"
@@ -180,14 +180,6 @@ def chosen_accel() -> str:
     return "kvm" if qemu.kvm_works(settings.cache_dir() / "kvm-probe.json") else "tcg"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as disk:
-        while chunk := disk.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # -------------------------------------------------------------------------------------------------- Packer
 
 
@@ -198,7 +190,7 @@ def run_packer(workload: Workload, base: Path, accel: str, zero_free_space: bool
            "PACKER_CACHE_DIR": str(tmp / "packer_cache")}  # fmt: skip
     variables = {
         "base": str(base),
-        "base_sha256": file_sha256(base),
+        "base_sha256": sha256_file(base),
         "accelerator": accel,
         "seed_dir": str(packer_seed(tmp)),
         "ssh_key": str(tmp / "id_ed25519"),
@@ -411,7 +403,7 @@ def cold_cache(directory: Path) -> Path:
 def running_prefect_server(tmp: Path) -> Iterator[str]:
     """A `prefect server start` for the kiln builds, answering already (as a long-running one would)."""
     from bench.overhead import warm_up
-    from tests.prefect_server import prefect_server
+    from bench.prefect_server import prefect_server
 
     home = tmp / "prefect-home"
     home.mkdir()

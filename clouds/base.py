@@ -1,14 +1,21 @@
-"""The cloud protocol every backend implements, and the typed values the build stages pass between them."""
+"""What kiln asks of a cloud: the protocol the build stages call (Cloud), the one kiln gc and the records need
+(Collectable), the optional capabilities a backend may have (each a small protocol, checked with isinstance),
+the registration every cloud module declares (Backend), and the typed values passed between them."""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from clouds.errors import BootTimeout, CloudError, HostKeyMismatch  # noqa: F401 - what backends take from here
+from core.digests import file_digests
+from core.recipe import BaseSpec, CloudTarget, Timeouts
 
 if TYPE_CHECKING:
     from clouds.layers import Layer
@@ -22,17 +29,12 @@ TAG_COMMIT = "kiln:commit"
 TAG_ROLE = "kiln:role"  # build | verify | image
 TAG_VALID_UNTIL = "kiln:valid-until"  # on images: the end of the recipe's valid_for (ISO 8601, UTC)
 
-
-class CloudError(RuntimeError):
-    """A cloud call failed; the message names the resource and what to do."""
-
-
-class BootTimeout(CloudError):
-    """The guest did not become reachable in time; the message carries the console tail."""
-
-
-class HostKeyMismatch(CloudError):
-    """The guest's SSH host key differs from the one its console announced."""
+# The kinds of Resource a cloud holds for kiln, in the order kiln gc releases them: instances hold key pairs,
+# groups and addresses, images hold snapshots, a container's process holds its mount, the mount its loop device.
+RELEASE_ORDER = (
+    "instance", "image", "snapshot", "volume", "import-task", "object", "keypair", "security-group", "floating-ip",
+    "process", "mount", "loop", "netns", "file",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,28 @@ class StopResult:
 
 
 @dataclass(frozen=True)
+class FileDigests:
+    """Digests of one local file, computed in one pass: what kiln records and what a cloud reports back."""
+
+    size: int
+    md5: str
+    sha256: str
+    sha512: str
+
+    @classmethod
+    def of(cls, path: Path) -> FileDigests:
+        return cls(Path(path).stat().st_size, **file_digests(path, "md5", "sha256", "sha512"))
+
+    def by_algorithm(self, algorithm: str) -> str | None:
+        return {"md5": self.md5, "sha256": self.sha256, "sha512": self.sha512}.get(algorithm.lower())
+
+
+@dataclass(frozen=True)
 class Resource:
     """Something a cloud holds that kiln made: found by tags for `kiln gc`."""
 
     cloud: str
-    kind: str  # instance | keypair | security-group | image | snapshot | floating-ip | file | process
+    kind: str  # one of RELEASE_ORDER
     resource_id: str
     tags: dict[str, str] = field(default_factory=dict)
     region: str = ""
@@ -148,11 +167,20 @@ class Resource:
 
 @runtime_checkable
 class Cloud(Protocol):
-    """What the build stages need of a cloud. Every delete is idempotent: gone already is success."""
+    """What the build stages call of a cloud, and nothing more. Every release is idempotent: gone already is
+    success."""
 
-    name: str
+    name: str  # the cloud's kind: a target's `cloud:`, provenance's and the ledger's cloud column
+    region: str  # where it runs machines and keeps images: an EC2 region, a clouds.yaml entry; "" for this host
 
-    def resolve_base(self, spec: Any, ssh_user: str) -> BaseImage: ...
+    def resolve_base(self, spec: BaseSpec, ssh_user: str) -> BaseImage:
+        """The base image the spec names on this cloud (fetch_base; verify, for the new image)."""
+
+    def import_key(self, key: KeyPair, tags: dict[str, str]) -> str | None:
+        """The build key as the cloud holds it (its id, ledgered); None when it travels in the user-data alone."""
+
+    def open_ports(self, name: str, ports: list[int], tags: dict[str, str]) -> str | None:
+        """A firewall opening for SSH and the probe ports (its id, ledgered); None when the cloud needs none."""
 
     def launch(
         self,
@@ -163,27 +191,158 @@ class Cloud(Protocol):
         ports: list[int],
         *,
         role: str = "build",
-    ) -> Instance: ...
+        firewall: str | None = None,
+    ) -> Instance:
+        """A tagged machine booting the base with the user-data, reachable on the ports."""
 
-    def endpoint(self, instance: Instance, port: int) -> tuple[str, int]: ...
+    def endpoint(self, instance: Instance, port: int) -> tuple[str, int]:
+        """Where this host reaches a guest port."""
+
+    def stop(self, instance: Instance, timeout: float = 120) -> StopResult | None:
+        """Stop the machine cleanly (forced after timeout, and the result says so)."""
+
+    def snapshot(self, instance: Instance, name: str, tags: dict[str, str], formats: list[str]) -> ImageRef:
+        """The cloud's image of the stopped machine."""
+
+    def tag_image(self, image: ImageRef, tags: dict[str, str]) -> None:
+        """Merge kiln's tags into the image's."""
+
+    def release(self, resource: Resource) -> None:
+        """Undo what the ledger (or owned()) names."""
+
+
+@runtime_checkable
+class Collectable(Protocol):
+    """What `kiln gc`, `kiln cleanup` and revocation need of a cloud, beside the build: what it reaches, what kiln
+    made there, and how to release it."""
+
+    name: str
+    region: str
+
+    @property
+    def scope(self) -> tuple[str, ...]:
+        """What this cloud reaches: two clouds of one scope list and release the same resources."""
+
+    def reaches(self, region: str) -> bool:
+        """Whether this cloud holds what provenance records in `region`."""
+
+    def owned(self, tags: dict[str, str] | None = None) -> list[Resource]:
+        """Everything kiln made here whose tags match all of `tags`."""
+
+    def release(self, resource: Resource) -> None: ...
+
+
+# -- optional capabilities: a backend has one when its class has the members (isinstance) ----------------------
+
+
+@runtime_checkable
+class ShowsConsole(Protocol):
+    """A cloud that shows a machine's console: wait_boot pins the host key the console announces and quotes its
+    last lines when the boot times out (without one, the first host key seen is recorded)."""
+
+    console_poll_seconds: float  # how often the boot wait may read it (a local file: often; an API: seldom)
 
     def console(self, instance: Instance) -> str: ...
 
-    def stop(self, instance: Instance, timeout: float = 120) -> StopResult | None: ...
 
-    def snapshot(self, instance: Instance, name: str, tags: dict[str, str], formats: list[str]) -> ImageRef: ...
+@runtime_checkable
+class PowersOffFromInside(Protocol):
+    """A cloud whose machine ends when its guest powers itself off (QEMU, a container's systemd), so the snapshot
+    stage may power it off from inside, faster than a shutdown through the cloud."""
 
-    def terminate(self, instance: Instance) -> None: ...
+    def expect_power_off(self, instance: Instance) -> None:
+        """The guest was told to power itself off: stop() waits for that before anything else."""
 
-    def delete_keypair(self, key: KeyPair) -> None: ...
+
+@runtime_checkable
+class ReplicatesImages(Protocol):
+    """A cloud that copies a new image into the target's other regions (register, each copy ledgered)."""
+
+    regions: list[str]  # the regions besides its own that every image is copied to
+
+    def copy_image(self, image: ImageRef, region: str, tags: dict[str, str]) -> ImageRef: ...
+
+
+@runtime_checkable
+class SharesImages(Protocol):
+    """A cloud that lets other accounts or projects launch kiln's images (register; publish)."""
+
+    share_with: list[str]
+
+    def share_image(self, image: ImageRef, accounts: list[str]) -> None: ...
+
+
+@runtime_checkable
+class ExpiresImages(Protocol):
+    """A cloud with an expiry date of its own on images (EC2's DeprecationTime), set at the end of their validity."""
+
+    def set_expiry(self, image: ImageRef, valid_until: dt.datetime) -> dt.datetime:
+        """Set it (the cloud may round it); the time set."""
+
+
+@runtime_checkable
+class RevokesImages(Protocol):
+    """A cloud that flags a revoked image where its users find it (deprecated, deactivated, marked)."""
+
+    def revoke_image(self, image: ImageRef, reason: str) -> None: ...
+
+
+class PublishLedger(Protocol):
+    """Where a publication writes what it is about to create (before the call) and what it created."""
+
+    def intent(self, kind: str, name: str) -> Any: ...
+
+    def created(self, handle: Any, cloud_id: str) -> None: ...
+
+    def released(self, handle: Any) -> None: ...
+
+
+class NoLedger:
+    """A PublishLedger that keeps nothing: a publication no build owns (its strays are found by their tags)."""
+
+    def intent(self, kind: str, name: str) -> None:
+        return None
+
+    def created(self, handle: Any, cloud_id: str) -> None:
+        pass
+
+    def released(self, handle: Any) -> None:
+        pass
+
+
+@runtime_checkable
+class PublishesImages(Protocol):
+    """A cloud that takes a local image's disk file as an image of its own (Glance upload, EC2 VM Import): tagged,
+    shared with share_with, the same bits proved where the cloud can tell, deleted again if anything fails."""
+
+    share_with: list[str]
+
+    def publish_problem(self, *, bucket: str | None) -> str | None:
+        """Why a publication with these options cannot work here (before anything is read or uploaded)."""
+
+    def publish(
+        self,
+        path: Path,
+        name: str,
+        *,
+        tags: dict[str, str] | None = None,
+        properties: dict[str, str] | None = None,
+        disk_format: str = "qcow2",
+        progress: Callable[[str], None] = ...,
+        bucket: str | None = None,
+        ledger: PublishLedger | None = None,
+    ) -> tuple[ImageRef, FileDigests]:
+        """The published image and the digests of the bits it was made from. `properties` are metadata beside the
+        tags where the cloud keeps such (Glance); `bucket` is where a cloud that stages the disk puts it (S3)."""
 
     def delete_image(self, image: ImageRef) -> None: ...
 
-    def tag_image(self, image: ImageRef, tags: dict[str, str]) -> None: ...
 
-    def owned(self, tags: dict[str, str] | None = None) -> list[Resource]: ...
+@runtime_checkable
+class HoldsConnection(Protocol):
+    """A cloud holding a connection open (OpenStack's session): closed when kiln is done with it."""
 
-    def release(self, resource: Resource) -> None: ...
+    def close(self) -> None: ...
 
 
 @runtime_checkable
@@ -219,3 +378,35 @@ class KeepsLayers(Protocol):
 
     def layers(self, instance: Instance) -> StepLayers | None:
         """The machine's step layers; None when it cannot keep them (a VM)."""
+
+
+# -- registration ---------------------------------------------------------------------------------------------
+
+TargetT = TypeVar("TargetT", bound=CloudTarget)
+
+
+def not_a_path(image_id: str) -> bool:
+    """An image id on a cloud, not a file on this host."""
+    return not image_id.startswith("/")
+
+
+@dataclass(frozen=True)
+class Backend(Generic[TargetT]):
+    """A cloud module's registration (its module-level BACKEND, listed in clouds/registry.py): everything kiln
+    outside clouds/ may know of a cloud. Capabilities are not listed here: they are the protocols above that the
+    opened cloud implements."""
+
+    kind: str  # the `cloud:` of its targets
+    target_model: type[TargetT]  # its targets' recipe model (core/recipe.py), the discriminator's other half
+    open_target: Callable[[TargetT, Timeouts | None, str], Cloud]  # a target, its timeouts, its name -> the cloud
+    default_vm_limit: Callable[[], int]  # VMs at once where no kiln-vms-* limit is set (the ephemeral server)
+    # The cloud at a place provenance recorded (its region column) without a target; None when a place alone does
+    # not say how to reach it (an EC2 region names no account or endpoint).
+    open_place: Callable[[str], Cloud] | None = None
+    # `kiln publish --to NAME` without a recipe: the cloud NAME (this kind, or one of its named places) with the
+    # command's region, endpoint_url and profile options; None when it takes no publication that way.
+    open_destination: Callable[..., Cloud] | None = None
+    collected_always: bool = False  # kiln gc looks through open_place("") even when no build recorded a target
+    names_places: bool = False  # its places are names users give (clouds.yaml entries): `--to NAME` means one
+    is_image_id: Callable[[str], bool] = not_a_path  # a cloud image's id, not a file form of one
+    errors: tuple[type[Exception], ...] = ()  # what its SDK raises when the cloud refuses or fails a call

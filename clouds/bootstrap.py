@@ -24,7 +24,8 @@ from pathlib import Path
 
 from clouds import qemu
 from clouds.base import CloudError
-from clouds.fetch import file_lock, sha256_file
+from clouds.fetch import file_lock
+from core.digests import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ import datetime as dt
 import ipaddress
 import logging
 import math
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -32,23 +33,30 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import boto3
 import botocore.exceptions
 from botocore.config import Config
 
+from clouds import qemu
 from clouds.base import (
     TAG_BUILD,
+    Backend,
     BaseImage,
     CloudError,
+    FileDigests,
     ImageRef,
     Instance,
     KeyPair,
+    NoLedger,
+    PublishLedger,
     Resource,
     StopResult,
 )
-from kiln import settings
+from clouds.ssh import CONSOLE_POLL_SECONDS
+from core import settings
+from core.recipe import BaseSpec, EC2Target, Timeouts
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +145,7 @@ class EC2Cloud:
     """AWS EC2 (or a compatible endpoint) through boto3: one home region, copies to `regions`."""
 
     name = "ec2"
+    console_poll_seconds = CONSOLE_POLL_SECONDS  # an API call each time, and EC2's console lags minutes anyway
 
     def __init__(
         self,
@@ -182,7 +191,7 @@ class EC2Cloud:
         self._lock = threading.Lock()  # boto3 sessions may not create clients from several threads at once
 
     @classmethod
-    def from_target(cls, target: Any, timeouts: Any = None) -> EC2Cloud:
+    def from_target(cls, target: EC2Target, timeouts: Timeouts | None = None) -> EC2Cloud:
         """The cloud for a recipe's EC2Target (and its Timeouts, when given)."""
         extra = {"boot_timeout": timeouts.boot, "image_timeout": timeouts.image} if timeouts is not None else {}
         return cls(
@@ -234,7 +243,7 @@ class EC2Cloud:
 
     # -- base images ---------------------------------------------------------------------------------------
 
-    def resolve_base(self, spec: Any, ssh_user: str) -> BaseImage:
+    def resolve_base(self, spec: BaseSpec, ssh_user: str) -> BaseImage:
         """An AMI by id, by name pattern and owners (the newest wins) or by SSM parameter; digest: id@creation date."""
         kind = getattr(spec, "kind", None)
         if kind == "image":
@@ -635,24 +644,56 @@ class EC2Cloud:
             found[snapshot_id] = sorted(p["UserId"] for p in permissions if "UserId" in p)
         return found
 
-    def replicate(
-        self, image: ImageRef, regions: Iterable[str], share_with: Iterable[str], tags: dict[str, str]
-    ) -> list[ImageRef]:
-        """Copies in the other regions, every one (and the original) shared; if one fails, the copies are deleted."""
-        copies: list[ImageRef] = []
+    # -- publishing a local build ------------------------------------------------------------------------------
+
+    def publish_problem(self, *, bucket: str | None) -> str | None:
+        return None if bucket else "--bucket is required to publish to ec2 (VM Import reads the disk from S3)"
+
+    def publish(
+        self,
+        path: Path,
+        name: str,
+        *,
+        tags: dict[str, str] | None = None,
+        properties: dict[str, str] | None = None,
+        disk_format: str = "qcow2",
+        progress: Callable[[str], None] = log.info,
+        bucket: str | None = None,
+        ledger: PublishLedger | None = None,
+    ) -> tuple[ImageRef, FileDigests]:
+        """A local disk as an AMI in this cloud's region (S3 upload, VM Import, register_image; see publish_disk),
+        shared with share_with; the digests are of the file as converted, so bits changed meanwhile show. The AMI
+        carries `tags`; EC2 keeps nothing beside tags, so `properties` (Glance's) have no place here."""
+        if problem := self.publish_problem(bucket=bucket):
+            raise CloudError(problem)
+        path = Path(path)
+        with tempfile.TemporaryDirectory(prefix="kiln-publish-", dir=settings.cache_dir()) as tmp:
+            raw = path
+            if disk_format != "raw":  # VM Import takes RAW, VMDK or VHD
+                raw = Path(tmp) / f"{path.stem}.raw"
+                progress(f"converting {path.name} ({disk_format}) to raw for VM Import")
+                qemu.run([qemu.QEMU_IMG, "convert", "-O", "raw", str(path), str(raw)], what="qemu-img convert to raw",
+                         timeout=3600)  # fmt: skip
+            digests = FileDigests.of(path)
+            image = publish_disk(self, raw, bucket=str(bucket), name=name, tags=tags or {}, progress=progress,
+                                 ledger=ledger, timeout=self.image_timeout)  # fmt: skip
         try:
-            for region in dict.fromkeys(regions):
-                if region != (image.region or self.region):
-                    copies.append(self.copy_image(image, region, tags))
-            for each in (image, *copies):
-                self.share_image(each, list(share_with))
+            self.share_image(image, self.share_with)
         except BaseException:
-            for copy in copies:
-                self.delete_image(copy)
+            self.delete_image(image)
             raise
-        return copies
+        return image, digests
 
     # -- garbage collection ------------------------------------------------------------------------------------
+
+    @property
+    def scope(self) -> tuple[str, ...]:
+        """The account (profile, endpoint) and the regions this cloud lists."""
+        return ("ec2", self.region, *self.regions, self.endpoint_url or "", self.profile or "")
+
+    def reaches(self, region: str) -> bool:
+        """Every region: the same account reaches them all (a copy's region is on its ImageRef)."""
+        return True
 
     def owned(self, tags: dict[str, str] | None = None) -> list[Resource]:
         """Every kiln-tagged instance (not terminated), key pair, security group, AMI and snapshot in our regions."""
@@ -747,33 +788,36 @@ class EC2Cloud:
             time.sleep(delay)
 
 
+def _open_target(target: EC2Target, timeouts: Timeouts | None, target_name: str) -> EC2Cloud:
+    return EC2Cloud.from_target(target, timeouts)
+
+
+def _open_destination(
+    name: str, *, region: str | None = None, endpoint_url: str | None = None, profile: str | None = None
+) -> EC2Cloud:
+    """`kiln publish --to ec2`: the region asked, else boto3's (AWS_DEFAULT_REGION, the profile's)."""
+    found = region or boto3.session.Session(profile_name=profile).region_name
+    if not found:
+        raise ValueError("--region is required to publish to ec2 (no default region in the environment or profile)")
+    return EC2Cloud(found, profile=profile, endpoint_url=endpoint_url)
+
+
+BACKEND = Backend(
+    kind="ec2",
+    target_model=EC2Target,
+    open_target=_open_target,
+    default_vm_limit=lambda: 4,  # a quota is the team's to set (kiln limits set); four is a modest start
+    open_destination=_open_destination,
+    errors=(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError),
+)
+
+
 def snapshot_ids(image: dict[str, Any]) -> list[str]:
     """The EBS snapshots behind an AMI, from its block device mappings."""
     return [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", []) if m.get("Ebs", {}).get("SnapshotId")]
 
 
 # -- publishing a local build --------------------------------------------------------------------------------
-
-
-class PublishLedger(Protocol):
-    """Where publish_disk writes what it is about to create (before the call) and what it created."""
-
-    def intent(self, kind: str, name: str) -> Any: ...
-
-    def created(self, handle: Any, cloud_id: str) -> None: ...
-
-    def released(self, handle: Any) -> None: ...
-
-
-class _NoLedger:
-    def intent(self, kind: str, name: str) -> None:
-        return None
-
-    def created(self, handle: Any, cloud_id: str) -> None:
-        pass
-
-    def released(self, handle: Any) -> None:
-        pass
 
 
 ESP_TYPE_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"  # EFI System Partition
@@ -820,7 +864,7 @@ def publish_disk(
     The account needs the `vmimport` service role with read access to the bucket (AWS VM Import/Export).
     """
     raw_disk = Path(raw_disk)
-    ledger = ledger or _NoLedger()
+    ledger = ledger or NoLedger()
     boot_mode = boot_mode or boot_mode_of(raw_disk)
     if boot_mode not in ("legacy-bios", "uefi", "uefi-preferred"):
         raise ValueError(f"boot_mode must be legacy-bios, uefi or uefi-preferred, not {boot_mode!r}")
@@ -869,7 +913,7 @@ def import_snapshot(
 
     On failure, timeout or interruption the task is released: cancelled while active, its snapshot deleted.
     """
-    ledger = ledger or _NoLedger()
+    ledger = ledger or NoLedger()
     importer = cloud.vm_import_client()
     row = ledger.intent("import-task", f"s3://{bucket}/{key}")
     task_id = ""

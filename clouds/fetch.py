@@ -16,7 +16,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from clouds.base import CloudError
+from clouds.errors import CloudError
+from core.digests import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def normalize_sha256(value: str | None, field: str) -> str:

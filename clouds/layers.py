@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clouds.base import CloudError
-from clouds.fetch import file_lock, sha256_file
+from clouds.errors import CloudError
+from clouds.fetch import file_lock
+from core.digests import sha256_file
 
 log = logging.getLogger(__name__)
 

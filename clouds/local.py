@@ -23,6 +23,7 @@ from typing import Any
 
 from clouds import bootstrap, container, disk, fetch, qemu
 from clouds.base import (
+    Backend,
     BaseImage,
     CloudError,
     ImageFile,
@@ -35,7 +36,9 @@ from clouds.base import (
 from clouds.layers import Layer, LayerCache, Manifest, manifest
 from clouds.ova import build_ova
 from clouds.session import Session
-from kiln import settings
+from core import settings
+from core.digests import sha256_file
+from core.recipe import BaseSpec, LocalTarget, Timeouts
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +69,8 @@ class LocalCloud:
     the base disk (clouds/container.py): customize runs at native speed, and verify still boots the image in QEMU.
     """
 
-    # QEMU exits when its guest powers itself off, so a build may power the guest off from inside (faster than
-    # an ACPI shutdown through every service) and stop() only waits for the process.
-    stops_when_guest_powers_off = True
-
     name = "local"
+    region = ""  # this host
     console_poll_seconds = 0.5  # the console is a local file: the boot wait may read it often
 
     def __init__(
@@ -104,7 +104,7 @@ class LocalCloud:
 
     # -- bases ---------------------------------------------------------------------------------------
 
-    def resolve_base(self, spec: Any, ssh_user: str, *, base_dir: Path | str | None = None) -> BaseImage:
+    def resolve_base(self, spec: BaseSpec, ssh_user: str, *, base_dir: Path | str | None = None) -> BaseImage:
         """A disk file to start from: a cached file/URL download, a kiln local image (by id, or the newest
         whose name matches a pattern), or a bootstrap. A relative file is taken from base_dir (the recipe's
         directory), else from the working directory."""
@@ -427,6 +427,11 @@ class LocalCloud:
         except FileNotFoundError:
             return ""
 
+    def expect_power_off(self, instance: Instance) -> None:
+        """QEMU exits when its guest powers itself off, and so does a container's systemd: stop() then waits for that
+        (faster than an ACPI shutdown through every service) before any power-down event."""
+        instance.details["guest_powering_off"] = True
+
     def stop(self, instance: Instance, timeout: float = 120) -> StopResult:
         """ACPI power-down through QMP, then wait; after timeout the process is killed and the result says so."""
         directory = self._instance_dir(instance)
@@ -624,6 +629,14 @@ class LocalCloud:
 
     # -- garbage collection ----------------------------------------------------------------------------
 
+    @property
+    def scope(self) -> tuple[str, ...]:
+        return ("local", str(self.state_dir), str(self.images_dir))
+
+    def reaches(self, region: str) -> bool:
+        """This host holds all that provenance records of the local cloud (its region is always "")."""
+        return True
+
     def owned(self, tags: dict[str, str] | None = None) -> list[Resource]:
         """Every instance directory (and its QEMU process while alive) and image whose tags match all of tags."""
         wanted = tags or {}
@@ -704,13 +717,6 @@ class LocalCloud:
             record.update(changes)
             _write_json(directory / INSTANCE_FILE, record)
 
-    def load_instance(self, instance_id: str) -> Instance | None:
-        """The Instance recorded in the state directory (for gc and for a process that lost its handle)."""
-        if not INSTANCE_ID.match(instance_id):
-            return None
-        record = _read_json(self.state_dir / instance_id / INSTANCE_FILE)
-        return _instance_from_record(record) if record and "pid" in record else None
-
 
 class ContainerLayers:
     """A build container's steps as layers: find the reusable ones, put them in place, keep each new step's change."""
@@ -754,6 +760,24 @@ class ContainerLayers:
                                                            build_id=build_id, parent=parent)  # fmt: skip
         self._before = None
         return layer
+
+
+def _open_target(target: LocalTarget, timeouts: Timeouts | None, target_name: str) -> LocalCloud:
+    return LocalCloud(
+        accel=target.accel, memory_mb=target.memory_mb, cpus=target.cpus, disk_size_gb=target.disk_size_gb,
+        qcow2_compression=target.qcow2_compression, build_in=target.build_in,
+    )
+
+
+BACKEND = Backend(
+    kind="local",
+    target_model=LocalTarget,
+    open_target=_open_target,
+    default_vm_limit=lambda: max(1, (os.cpu_count() or 2) // 2),  # a QEMU guest under TCG wants about two cores
+    open_place=lambda place: LocalCloud(),  # the one this host has
+    collected_always=True,
+    is_image_id=lambda image_id: bool(IMAGE_ID.match(image_id)),  # img-…, not a file form (img-….raw) or a path
+)
 
 
 def _container_parts(directory: Path) -> list[tuple[str, str]]:
@@ -825,7 +849,7 @@ def _instance_from_record(record: dict[str, Any]) -> Instance:
 
 
 def _image_file(fmt: str, path: Path) -> ImageFile:
-    return ImageFile(format=fmt, path=str(path), size=path.stat().st_size, sha256=fetch.sha256_file(path))
+    return ImageFile(format=fmt, path=str(path), size=path.stat().st_size, sha256=sha256_file(path))
 
 
 def _read_pid(directory: Path) -> int | None:

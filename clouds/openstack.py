@@ -17,14 +17,12 @@ import base64
 import datetime as dt
 import fnmatch
 import getpass
-import hashlib
 import logging
 import re
 import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -40,14 +38,20 @@ from clouds.base import (
     TAG_RECIPE_VERSION,
     TAG_ROLE,
     TAG_VALID_UNTIL,
+    Backend,
     BaseImage,
     CloudError,
+    FileDigests,
     ImageRef,
     Instance,
     KeyPair,
+    NoLedger,
+    PublishLedger,
     Resource,
     StopResult,
 )
+from clouds.ssh import CONSOLE_POLL_SECONDS
+from core.recipe import BaseSpec, OpenStackTarget, Timeouts
 
 log = logging.getLogger("kiln.openstack")
 
@@ -120,35 +124,11 @@ def _short(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__).splitlines()[0][:300]
 
 
-@dataclass(frozen=True)
-class FileDigests:
-    """Digests of one local file, computed in one pass: what kiln records and what Glance reports back."""
-
-    size: int
-    md5: str
-    sha256: str
-    sha512: str
-
-    @classmethod
-    def of(cls, path: Path) -> FileDigests:
-        md5, sha256, sha512 = hashlib.md5(usedforsecurity=False), hashlib.sha256(), hashlib.sha512()
-        size = 0
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                size += len(block)
-                md5.update(block)
-                sha256.update(block)
-                sha512.update(block)
-        return cls(size, md5.hexdigest(), sha256.hexdigest(), sha512.hexdigest())
-
-    def by_algorithm(self, algorithm: str) -> str | None:
-        return {"md5": self.md5, "sha256": self.sha256, "sha512": self.sha512}.get(algorithm.lower())
-
-
 class OpenStackCloud:
     """One OpenStack cloud (a clouds.yaml entry) with a recipe target's flavor, network and firewall."""
 
     name = "openstack"
+    console_poll_seconds = CONSOLE_POLL_SECONDS  # an API call each time
 
     def __init__(
         self,
@@ -177,8 +157,10 @@ class OpenStackCloud:
         self._conn = connection
 
     @classmethod
-    def from_target(cls, target: Any, target_name: str, timeouts: Any = None) -> OpenStackCloud:
+    def from_target(cls, target: OpenStackTarget, target_name: str, timeouts: Timeouts | None = None) -> OpenStackCloud:
         """The cloud a recipe's OpenStackTarget names (os_cloud, else the target's name)."""
+        if not (target.os_cloud or target_name):
+            raise ValueError("an openstack target needs os_cloud, or its target name as the clouds.yaml entry")
         return cls(
             target.effective_os_cloud(target_name),
             flavor=target.flavor,
@@ -204,7 +186,7 @@ class OpenStackCloud:
 
     # -- bases ---------------------------------------------------------------------------------------
 
-    def resolve_base(self, spec: Any, ssh_user: str) -> BaseImage:
+    def resolve_base(self, spec: BaseSpec, ssh_user: str) -> BaseImage:
         """A Glance image by id, or by name (exact, or a shell pattern): the newest active one wins."""
         image_ref = getattr(spec, "image", None)
         pattern = getattr(spec, "name", None)
@@ -479,6 +461,10 @@ class OpenStackCloud:
         """Delete the Glance image; gone already is success."""
         self.conn.image.delete_image(image.image_id, ignore_missing=True)
 
+    def revoke_image(self, image: ImageRef, reason: str) -> None:
+        """Deactivate it: Glance keeps its record (kiln's provenance keeps the reason) but serves no data."""
+        self.deactivate_image(image.image_id)
+
     def deactivate_image(self, image_id: str) -> None:
         """Revocation: Glance refuses the image's data (no new servers boot from it) but keeps its record."""
         self._set_activation(image_id, "deactivate", "deactivated")
@@ -521,9 +507,16 @@ class OpenStackCloud:
         properties: dict[str, str] | None = None,
         disk_format: str = "qcow2",
         progress: Callable[[str], None] = log.info,
+        bucket: str | None = None,
+        ledger: PublishLedger | None = None,
     ) -> tuple[ImageRef, FileDigests]:
         """Upload a local image file to Glance (interoperable import when offered), wait active, check that
-        Glance holds exactly these bits (its checksum and multihash against ours), share with share_with."""
+        Glance holds exactly these bits (its checksum and multihash against ours), share with share_with. The image
+        is in `ledger` from before the upload until it is active and checked (a killed publication's half-made
+        image is kiln gc's)."""
+        if problem := self.publish_problem(bucket=bucket):
+            raise CloudError(problem)
+        ledger = ledger or NoLedger()
         path = Path(path)
         if not path.is_file():
             raise CloudError(f"{path} does not exist")
@@ -535,11 +528,17 @@ class OpenStackCloud:
             f"uploading {path.name} ({digests.size} bytes, sha256 {digests.sha256}) to {self.os_cloud} "
             f"by {'interoperable import (glance-direct)' if use_import else 'direct upload'}"
         )
-        image = image_api.create_image(
-            name, filename=str(path), disk_format=disk_format, container_format="bare", md5=digests.md5,
-            sha256=digests.sha256, allow_duplicates=True, validate_checksum=False, use_import=use_import,
-            tags=[KILN_IMAGE_TAG], wait=False, **props,
-        )  # fmt: skip
+        row = ledger.intent("image", name)
+        try:
+            image = image_api.create_image(
+                name, filename=str(path), disk_format=disk_format, container_format="bare", md5=digests.md5,
+                sha256=digests.sha256, allow_duplicates=True, validate_checksum=False, use_import=use_import,
+                tags=[KILN_IMAGE_TAG], wait=False, **props,
+            )  # fmt: skip
+        except BaseException:
+            ledger.released(row)
+            raise
+        ledger.created(row, image.id)
         try:
             image = self.wait_image_active(image.id)
             check_same_bits(image, digests)
@@ -547,9 +546,14 @@ class OpenStackCloud:
         except BaseException:
             image_api.delete_image(image.id, ignore_missing=True)
             raise
+        finally:
+            ledger.released(row)
         progress(f"Glance image {image.id} active; checksum and {image.hash_algo} match the file")
         ref = ImageRef(cloud=self.name, image_id=image.id, name=name, region=self.region, details=_image_details(image))
         return ref, digests
+
+    def publish_problem(self, *, bucket: str | None) -> str | None:
+        return "--bucket only applies to a cloud that stages the disk in a bucket (ec2)" if bucket else None
 
     def offers_import(self) -> bool:
         """Whether the cloud's Glance offers interoperable import by glance-direct."""
@@ -561,6 +565,14 @@ class OpenStackCloud:
         return "glance-direct" in methods
 
     # -- garbage collection ----------------------------------------------------------------------------
+
+    @property
+    def scope(self) -> tuple[str, ...]:
+        return ("openstack", self.os_cloud)
+
+    def reaches(self, region: str) -> bool:
+        """Only its own clouds.yaml entry (provenance's region of an OpenStack image)."""
+        return region == self.os_cloud
 
     def owned(self, tags: dict[str, str] | None = None) -> list[Resource]:
         """kiln's servers (metadata), key pairs (named kiln-…), security groups and floating IPs (Neutron
@@ -642,6 +654,27 @@ class OpenStackCloud:
                 if attempt == attempts - 1:
                     raise
                 time.sleep(2)
+
+
+def _open_target(target: OpenStackTarget, timeouts: Timeouts | None, target_name: str) -> OpenStackCloud:
+    return OpenStackCloud.from_target(target, target_name, timeouts)
+
+
+def _open_destination(name: str, **_options: str | None) -> OpenStackCloud:
+    """`kiln publish --to ENTRY`: the clouds.yaml entry (region, endpoint and profile are EC2's options)."""
+    return OpenStackCloud(name)
+
+
+BACKEND = Backend(
+    kind="openstack",
+    target_model=OpenStackTarget,
+    open_target=_open_target,
+    default_vm_limit=lambda: 4,  # a quota is the team's to set (kiln limits set); four is a modest start
+    open_place=OpenStackCloud,  # provenance's region of an OpenStack image is its clouds.yaml entry
+    open_destination=_open_destination,
+    names_places=True,
+    errors=(os_exc.SDKException,),
+)
 
 
 def image_digest(image: Any) -> str:

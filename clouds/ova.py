@@ -8,7 +8,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from clouds import qemu
-from clouds.fetch import sha256_file
+from core.digests import sha256_file
 
 VMDK_STREAM_FORMAT = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
 # CIM operating-system id 96 is "Debian 64-Bit"; 101 is "Other Linux (64-Bit)", our fallback.

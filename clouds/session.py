@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from clouds.base import CloudError
+from clouds.errors import CloudError
 
 log = logging.getLogger(__name__)
 

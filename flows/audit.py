@@ -14,12 +14,12 @@ from git import BadName, InvalidGitRepositoryError, NoSuchPathError, Repo
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from core.recipe import RecipeError, load_recipe
 from flows.build import build_image
-from kiln.recipe import RecipeError, load_recipe
+from operations.audit import EXCLUDED_PATTERNS, FileComparison, PackageDiff, compare_disks, compare_packages
 from provenance import lineage, store
 from provenance.models import Build, Image, RecipeVersion
-from tasks.audit import EXCLUDED_PATTERNS, FileComparison, PackageDiff, compare_disks, compare_packages
-from tasks.common import describe
+from provenance.redact import describe
 
 DEFAULT_THRESHOLD = 99.0  # percent of identical files an audit needs to pass
 

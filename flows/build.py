@@ -7,10 +7,7 @@ import json
 import os
 import re
 import shutil
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -19,31 +16,20 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from clouds import open_cloud
-from flows.limits import limit_name_for, vm_slot
+from clouds import open_cloud, registry
+from core import settings
+from core.recipe import load_recipe
+from flows.request import BadInput, checked_request
+from flows.stages import CANCELLED, release_unless_kept, run_stages
 from flows.trigger import trigger_of_this_run
-from kiln import settings
-from kiln.recipe import load_recipe, recorded_target
-from provenance import attest, gitinfo, lineage, store
-from tasks.artifacts import build_summary_rows
-from tasks.common import BuildPlan, describe, release_open
-from tasks.customize import customize
-from tasks.fetch_base import fetch_base
-from tasks.launch import keep_for_debugging, launch
-from tasks.notify import notify_finished_build, notify_settings_problem
-from tasks.register import register
-from tasks.sanitize import sanitize
-from tasks.snapshot import snapshot
-from tasks.verify import verify
-from tasks.wait_boot import wait_boot
+from operations.artifacts import build_summary_rows
+from operations.notify import notify_finished_build
+from provenance import gitinfo, lineage, store
+from provenance.redact import describe
+from tasks.common import BuildPlan, release_open
 
 OnError = Literal["cleanup", "abort"]
-CANCELLED = threading.Event()  # set by Ctrl-C in this process: failing builds record "cancelled"
 _ACTIVE: dict[str, BuildPlan] = {}  # flow run id -> plan, for the flow's failure hooks in this process
-
-
-class BadInput(ValueError):
-    """The request is wrong before anything started (unknown target, dirty tree with --require-clean)."""
 
 
 @dataclass
@@ -67,11 +53,7 @@ def prepare(
     recipe_path: str, target: str, *, trigger: str, on_error: str, require_clean: bool, use_cache: bool = True
 ) -> BuildPlan:
     """Validate, capture git, record the recipe version and open the Build row: nothing launched yet."""
-    recipe = load_recipe(recipe_path)
-    if target not in recipe.targets:
-        raise BadInput(f"{recipe_path}: targets.{target}: no such target (have: {', '.join(recipe.targets)})")
-    if problem := attest.signing_key_problem() or notify_settings_problem():
-        raise BadInput(problem)  # a key register would sign with, a URL nobody could be told at: before launching
+    recipe, _ = checked_request(recipe_path, [target])
     git = gitinfo.capture(recipe.path, recipe.referenced_files())
     if require_clean:
         gitinfo.require_clean(git)
@@ -83,12 +65,13 @@ def prepare(
         git=git,
     )
     spec = recipe.targets[target]
+    cloud = open_cloud(spec, recipe.timeouts, target_name=target)
     store.mark_interrupted_builds()  # a build whose process died stops being "running" when kiln next starts one
     build_id = store.start_build(
         recipe_version_id=version_id,
         target=target,
-        cloud=spec.cloud,
-        region=getattr(spec, "region", "") or "",
+        cloud=cloud.name,
+        region=cloud.region,
         trigger=trigger,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         parameters={"recipe": str(recipe_path), "target": target, "on_error": on_error, "build_in": spec.build_in,
@@ -100,39 +83,29 @@ def prepare(
         target_name=target,
         git=git,
         recipe_version_id=version_id,
-        cloud=open_cloud(spec, recipe.timeouts, target_name=target),
+        cloud=cloud,
         on_error=on_error,
         use_cache=use_cache,
     )
 
 
-def conclude_failure(plan: BuildPlan, exc: BaseException) -> None:
-    """Record the failure, then undo everything in reverse order (or keep it all with --on-error abort)."""
-    cancelled = (
-        CANCELLED.is_set()
-        or isinstance(exc, KeyboardInterrupt | SystemExit)
-        or type(exc).__name__ == "TerminationSignal"
-    )
-    if plan.on_error == "abort" and not cancelled:
-        notes = keep_for_debugging(plan)
-        store.finish_build(plan.build_id, "failed", error="\n".join([describe(exc), *notes]))
-        return
-    leftovers = release_open(plan)
-    error = describe(exc) + (f"; could not release: {'; '.join(leftovers)}" if leftovers else "")
-    store.finish_build(plan.build_id, "cancelled" if cancelled else "failed", error=error)
-
-
-def _release_on_hook(flow, run, state) -> None:  # noqa: ANN001 - Prefect's hook signature
+def _release_after_failure(flow, run, state) -> None:  # noqa: ANN001 - Prefect's hook signature
     plan = _ACTIVE.pop(str(run.id), None)
-    if plan is not None and plan.on_error != "abort":
-        release_open(plan)
+    if plan is not None:
+        release_unless_kept(plan, cancelled=False)
+
+
+def _release_after_cancellation(flow, run, state) -> None:  # noqa: ANN001 - Prefect's hook signature
+    plan = _ACTIVE.pop(str(run.id), None)
+    if plan is not None:
+        release_unless_kept(plan, cancelled=True)
 
 
 @flow(
     name="build-image",
-    on_failure=[_release_on_hook],
-    on_cancellation=[_release_on_hook],
-    on_crashed=[_release_on_hook],
+    on_failure=[_release_after_failure],
+    on_cancellation=[_release_after_cancellation],
+    on_crashed=[_release_after_cancellation],
 )
 def build_image(
     recipe: str,
@@ -148,39 +121,13 @@ def build_image(
                    require_clean=require_clean, use_cache=use_cache)
     _ACTIVE[str(flow_run.id)] = plan
     try:
-        base = fetch_base(plan)
-        # One slot from launch to verify's end: the build guest is released in snapshot before verify boots the
-        # image, so the build never runs two VMs, and it neither pays a slot's release and re-acquisition (two
-        # Prefect requests) nor waits for a slot again half-way.
-        with holding_vm(plan):
-            guest = launch(plan, base.image)
-            wait_boot(plan, guest)
-            customize(plan, guest)
-            sanitize(plan, guest)
-            image = snapshot(plan, guest)
-            verification = verify(plan, image)
-        registered = register(plan, base, image, verification)
-    except BaseException as exc:
-        conclude_failure(plan, exc)
-        notify_finished_build(plan)
-        raise
-    store.finish_build(plan.build_id, "succeeded")
+        made = run_stages(plan)  # flows/stages.py: the order, the VM slot and the one failure policy
+        store.finish_build(plan.build_id, "succeeded")
+    finally:
+        notify_finished_build(plan.build_id, list(plan.recipe.notify))
     _ACTIVE.pop(str(flow_run.id), None)
-    notify_finished_build(plan)
-    return asdict(TargetResult(target, plan.build_id, "succeeded", registered.image_id, "register"))
-
-
-@contextmanager
-def holding_vm(plan: BuildPlan) -> Iterator[None]:
-    """One slot of the target cloud's kiln-vms-* limit while the body has a VM; a failure releases the VM
-    before the slot, so the cloud never runs more kiln VMs than its limit (--on-error abort keeps its guest)."""
-    with vm_slot(limit_name_for(plan.target, plan.target_name)):
-        try:
-            yield
-        except BaseException:
-            if plan.on_error != "abort" or CANCELLED.is_set():
-                release_open(plan)
-            raise
+    assert made.registered is not None
+    return asdict(TargetResult(target, plan.build_id, "succeeded", made.registered.image_id, "register"))
 
 
 class BuildRequest(BaseModel):
@@ -197,14 +144,7 @@ class BuildRequest(BaseModel):
 
 def targets_of(request: BuildRequest) -> list[str]:
     """All requested targets, checked before any build starts."""
-    recipe = load_recipe(request.recipe)
-    targets = request.targets or list(recipe.targets)
-    unknown = [t for t in targets if t not in recipe.targets]
-    if unknown:
-        raise BadInput(f"{request.recipe}: targets.{unknown[0]}: no such target (have: {', '.join(recipe.targets)})")
-    if problem := attest.signing_key_problem() or notify_settings_problem():
-        raise BadInput(problem)
-    return targets
+    return checked_request(request.recipe, request.targets)[1]
 
 
 @flow(name="build-recipe")
@@ -255,7 +195,7 @@ def cancel_active_builds() -> None:
     """
     CANCELLED.set()
     for plan in list(_ACTIVE.values()):
-        release_open(plan)
+        release_unless_kept(plan, cancelled=True)
 
 
 def _result(target: str, state) -> TargetResult:  # noqa: ANN001 - a Prefect State
@@ -281,10 +221,13 @@ def cleanup_build(build_id: str) -> list[str]:
     detail = lineage.get_build(build_id)
     if detail is None:
         raise BadInput(f"no build {build_id!r} in the provenance database")
-    recipe = json.loads(detail.recipe.recipe_json)
-    target = recorded_target(recipe["targets"][detail.build.target])
+    recorded = json.loads(detail.recipe.recipe_json).get("targets", {}).get(detail.build.target)
+    cloud = registry.reopen(detail.build.cloud, target=recorded, target_name=detail.build.target,
+                            region=detail.build.region or "")
+    if cloud is None:
+        raise BadInput(f"build {build_id}: its recipe records no {detail.build.cloud} target kiln can reach it through")
     plan = BuildPlan(build_id=detail.build.id, recipe=None, target_name=detail.build.target, git=None,
-                     recipe_version_id=detail.recipe.id, cloud=open_cloud(target, target_name=detail.build.target))
+                     recipe_version_id=detail.recipe.id, cloud=cloud)
     errors = release_open(plan)
     shutil.rmtree(settings.data_dir() / "debug" / detail.build.id, ignore_errors=True)
     return errors

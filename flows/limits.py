@@ -8,7 +8,6 @@ server that a lone `kiln build` starts does kiln create a missing limit with its
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections.abc import Iterator
@@ -20,10 +19,10 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from clouds import registry
+from clouds.base import Cloud
+
 PREFIX = "kiln-vms-"
-# Defaults used only where kiln creates a missing limit itself (the ephemeral server): a QEMU guest under
-# TCG wants about two cores; a cloud's quota is the team's to set, four is a modest start.
-CLOUD_DEFAULTS = {"ec2": 4, "openstack": 4}
 # The slot is leased and renewed in the background while held: a killed worker's slot frees itself within a
 # minute (Prefect's shortest lease), not the five minutes of its default.
 LEASE_SECONDS = 60
@@ -55,14 +54,9 @@ def limit_name(cloud: str, region: str = "") -> str:
     return PREFIX + "-".join(_slug(part) for part in (cloud, region) if part)
 
 
-def limit_name_for(target: object, target_name: str) -> str:
-    """The limit a recipe target's VMs count against."""
-    cloud = target.cloud
-    if cloud == "ec2":
-        return limit_name(cloud, target.region)
-    if cloud == "openstack":
-        return limit_name(cloud, target.effective_os_cloud(target_name))
-    return limit_name(cloud)
+def limit_name_for(cloud: Cloud) -> str:
+    """The limit a cloud's VMs count against: its kind and where it runs them (region, clouds.yaml entry)."""
+    return limit_name(cloud.name, cloud.region)
 
 
 def normalize(cloud: str) -> str:
@@ -76,11 +70,9 @@ def normalize(cloud: str) -> str:
 
 
 def default_limit(name: str) -> int:
-    """local: one VM per two cores (at least one); a remote cloud: CLOUD_DEFAULTS."""
-    cloud = name.removeprefix(PREFIX).split("-", 1)[0]
-    if cloud == "local":
-        return max(1, (os.cpu_count() or 2) // 2)
-    return CLOUD_DEFAULTS.get(cloud, 1)
+    """The limit kiln sets where none is (the ephemeral server): what the cloud's backend declares, else 1."""
+    kind = name.removeprefix(PREFIX).split("-", 1)[0]
+    return registry.backend(kind).default_vm_limit() if kind in registry.BACKENDS else 1
 
 
 def on_ephemeral_server() -> bool:

@@ -8,8 +8,8 @@ import re
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from operations.artifacts import lineage_markdown
 from provenance import lineage
-from tasks.artifacts import lineage_markdown
 
 
 @flow(name="lineage")

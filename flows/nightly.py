@@ -14,12 +14,12 @@ from prefect.deployments import run_deployment
 from prefect.runtime import deployment, flow_run
 
 from clouds import open_cloud
+from core.recipe import BaseSpec, Recipe, RecipeError, Target, load_recipe
+from core.settings import KILN_VERSION
 from flows.build import build_image
 from flows.status import builds_of_run
-from kiln.recipe import BaseSpec, Recipe, RecipeError, Target, load_recipe
-from kiln.settings import KILN_VERSION
+from operations.gc import parse_duration
 from provenance import lineage, store
-from tasks.gc import parse_duration
 
 
 @dataclass

@@ -6,7 +6,7 @@ import datetime as dt
 
 from prefect import flow, get_run_logger
 
-from tasks.gc import GcReport, find_leftovers, parse_duration, release_leftovers
+from operations.gc import GcReport, find_leftovers, parse_duration, release_leftovers
 
 
 def collect_garbage(

@@ -9,7 +9,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from kiln.settings import SettingsError
+from core.settings import SettingsError
 
 # kiln's own Prefect runs send nothing to Prefect Inc.: the SDK's analytics (read at `import prefect`, so set here,
 # before any command imports it) and the temporary server's telemetry, which offline fails with tracebacks.

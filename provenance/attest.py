@@ -25,7 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from kiln.settings import SIGNING_KEY_ENV
+from core.digests import sha256_file
+from core.settings import SIGNING_KEY_ENV
 from provenance import gitinfo, lineage
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -339,19 +340,11 @@ def check_subjects(statement: dict[str, Any]) -> list[SubjectCheck]:
         on_disk = None
         detail = "matches provenance" if recorded else f"provenance recorded sha256 {row.sha256}"
         if row.path and Path(row.path).is_file():
-            actual = _sha256_file(Path(row.path))
+            actual = sha256_file(row.path)
             on_disk = actual == sha
             detail += f"; {row.path} " + ("matches" if on_disk else f"has sha256 {actual}")
         checks.append(SubjectCheck(subject["name"], recorded, on_disk, detail))
     if not checks:
         raise AttestationError("the statement has no sha256 subject kiln can check")
     return checks
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 

@@ -480,12 +480,11 @@ def builds_by_id(build_ids: list[str]) -> dict[str, BuildSummary]:
         return {b.id: BuildSummary(build=b, recipe=r) for b, r in session.exec(query).all()}
 
 
-def recorded_cloud_targets(clouds: tuple[str, ...] = ("ec2", "openstack")) -> list[tuple[str, dict[str, Any]]]:
-    """(target name, target spec) of every distinct target on these clouds that some recorded build used."""
+def recorded_targets() -> list[tuple[str, dict[str, Any]]]:
+    """(target name, target spec) of every distinct target some recorded build used."""
     query = (
         select(Build.target, RecipeVersion.recipe_json)
         .join(RecipeVersion, Build.recipe_version_id == RecipeVersion.id)
-        .where(Build.cloud.in_(clouds))
         .distinct()
     )
     seen: dict[str, tuple[str, dict[str, Any]]] = {}

@@ -67,6 +67,12 @@ def ends_open(text: str) -> bool:
     return text.endswith(OPEN_KEY)
 
 
+def describe(exc: BaseException) -> str:
+    """The exception as one message for a person, redacted: its text, after its type unless that says nothing."""
+    text = str(exc) or type(exc).__name__
+    return redact(text if isinstance(exc, RuntimeError | ValueError | OSError) else f"{type(exc).__name__}: {text}")
+
+
 class LineRedactor:
     """Redacts a log that arrives line by line: a key block spanning lines becomes one marker line."""
 

@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, select, update
 
-from kiln.settings import KILN_VERSION, SettingsError, database_setting, database_url, without_password
+from core.settings import KILN_VERSION, SettingsError, database_setting, database_url, without_password
 from provenance.gitinfo import GitInfo
 from provenance.graph import ROOTS, descendants_cte
 from provenance.models import (
@@ -76,7 +76,7 @@ class SchemaError(SettingsError):
 
 
 def engine(url: str | None = None) -> Engine:
-    """The engine for `url` (default: kiln.settings.database_url()), created and migrated on first use.
+    """The engine for `url` (default: core.settings.database_url()), created and migrated on first use.
 
     A URL or a database kiln cannot use (unparsable, no driver, unreachable, not a database, not writable) is a
     SettingsError naming the setting and the cause."""

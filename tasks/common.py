@@ -28,12 +28,10 @@ from clouds.base import (
     KeyPair,
     Resource,
 )
-from kiln.recipe import Recipe
+from core.recipe import CloudTarget, Recipe
 from provenance import store
 from provenance.gitinfo import GitInfo
-from provenance.redact import LineRedactor, redact, redact_logs
-
-STAGES = ("fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register")
+from provenance.redact import LineRedactor, describe, redact, redact_logs
 
 T = TypeVar("T")
 log = logging.getLogger("kiln.build")
@@ -63,7 +61,7 @@ class BuildPlan:
     use_cache: bool = True  # customize may reuse layers of earlier builds (where the build machine keeps them)
 
     @property
-    def target(self) -> Any:
+    def target(self) -> CloudTarget:
         return self.recipe.targets[self.target_name]
 
     @property
@@ -191,12 +189,6 @@ def stage(name: str, *, retries: int = 0, retry_delay_seconds: float = 5) -> Cal
         )
 
     return decorate
-
-
-def describe(exc: BaseException) -> str:
-    """The exception as one message for a person, redacted: its text, after its type unless that says nothing."""
-    text = str(exc) or type(exc).__name__
-    return redact(text if isinstance(exc, RuntimeError | ValueError | OSError) else f"{type(exc).__name__}: {text}")
 
 
 def holds_secret(exc: BaseException) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from clouds.base import KeepsLayers
 from clouds.session import CommandFailed, Session
-from kiln.settings import KILN_VERSION
+from core.settings import KILN_VERSION
 from provenance import store
 from tasks.common import BuildPlan, StepLog, note, stage
 from tasks.launch import Guest

@@ -9,7 +9,7 @@ import yaml
 
 from clouds.base import TAG_ROLE, BaseImage, Instance, KeyPair, OpensSessions
 from clouds.session import Session
-from kiln import settings
+from core import settings
 from provenance import store
 from tasks.common import BuildPlan, StepLog, ledgered, release_open, stage
 

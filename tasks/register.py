@@ -9,12 +9,13 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from clouds.base import TAG_ROLE, TAG_VALID_UNTIL, ImageRef
-from kiln import settings
-from kiln.recipe import valid_until as end_of_validity
+from clouds.base import TAG_ROLE, TAG_VALID_UNTIL, ExpiresImages, ImageRef, ReplicatesImages, SharesImages
+from core import settings
+from core.recipe import valid_until as end_of_validity
+from operations.artifacts import ancestry_markdown
 from provenance import attest, store
-from tasks.artifacts import ancestry_markdown
-from tasks.common import BuildPlan, StepLog, describe, hand_over, ledgered, stage
+from provenance.redact import describe
+from tasks.common import BuildPlan, StepLog, hand_over, ledgered, stage
 from tasks.fetch_base import ResolvedBase
 from tasks.verify import Verification
 
@@ -125,33 +126,32 @@ def publish_artifacts(plan: BuildPlan, entry: dict, row_id: int) -> None:
 
 
 def replicate(plan: BuildPlan, image: ImageRef, tags: dict[str, str], step_log: StepLog) -> list[ImageRef]:
-    """Copies in the target's other `regions` (each ledgered first) and launch permissions for `share_with`."""
-    copies = []
-    for region in getattr(plan.target, "regions", []):
-        if region == image.region:
-            continue
-        with ledgered(plan, kind="image", name=image.name, role="image", region=region) as created:
-            copy = plan.cloud.copy_image(image, region, tags)
-            created(copy.image_id)
-        step_log(f"copied {image.image_id} to {region} as {copy.image_id}")
-        copies.append(copy)
-    accounts = list(getattr(plan.target, "share_with", []))
-    if accounts:
+    """Copies in the cloud's other regions (each ledgered first), and every image shared with its share_with."""
+    cloud, copies = plan.cloud, []
+    if isinstance(cloud, ReplicatesImages):
+        for region in cloud.regions:
+            if region == image.region:
+                continue
+            with ledgered(plan, kind="image", name=image.name, role="image", region=region) as created:
+                copy = cloud.copy_image(image, region, tags)
+                created(copy.image_id)
+            step_log(f"copied {image.image_id} to {region} as {copy.image_id}")
+            copies.append(copy)
+    if isinstance(cloud, SharesImages) and cloud.share_with:
         for each in (image, *copies):
-            plan.cloud.share_image(each, accounts)
-        step_log(f"launch permission for {', '.join(accounts)} on {len(copies) + 1} image(s)")
+            cloud.share_image(each, cloud.share_with)
+        step_log(f"launch permission for {', '.join(cloud.share_with)} on {len(copies) + 1} image(s)")
     return copies
 
 
 def set_expiry(plan: BuildPlan, images: list[ImageRef], valid_until: dt.datetime, step_log: StepLog) -> None:
     """Where the cloud has an expiry of its own (EC2's DeprecationTime), set it at the end of the validity. The
     date is already in provenance, the catalog entry and the image's tags: a cloud refusing it is a warning."""
-    set_on_cloud = getattr(plan.cloud, "set_expiry", None)
-    if not callable(set_on_cloud):
+    if not isinstance(plan.cloud, ExpiresImages):
         return
     for image in images:
         try:
-            at = set_on_cloud(image, valid_until)
+            at = plan.cloud.set_expiry(image, valid_until)
         except Exception as exc:
             step_log(f"warning: {image.image_id}: the cloud's expiry was not set ({describe(exc)}); "
                      f"valid until {valid_until.isoformat()} in its tags, the catalog and provenance")

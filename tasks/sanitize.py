@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from clouds.session import CommandFailed, Session
-from kiln.recipe import SANITIZE_OPERATIONS
+from core.recipe import SANITIZE_OPERATIONS
 from tasks.common import BuildPlan, StepLog, stage
 from tasks.launch import Guest
 
@@ -21,7 +21,6 @@ class Operation:
     heading: str
     description: str
     script: Callable[[str], str]  # ssh user -> shell script run as root
-    default: bool = True
 
 
 def _remove(*globs: str) -> Callable[[str], str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from clouds.base import CloudError, ImageRef
+from clouds.base import CloudError, ImageRef, PowersOffFromInside
 from tasks.common import BuildPlan, StepLog, ledgered, stage
 from tasks.launch import Guest, release_guest
 
@@ -22,7 +22,7 @@ _GUEST_POWEROFF = (
 )
 
 
-def power_off_from_inside(guest: Guest, step_log: StepLog) -> bool:
+def power_off_from_inside(cloud: PowersOffFromInside, guest: Guest, step_log: StepLog) -> bool:
     """Ask the guest to power itself off now; False (and the cloud's own stop does it all) when it cannot."""
     try:
         guest.session.run(_GUEST_POWEROFF, timeout=30, label="systemctl poweroff --force")
@@ -30,15 +30,15 @@ def power_off_from_inside(guest: Guest, step_log: StepLog) -> bool:
         step_log(f"guest power-off from inside not possible ({exc}); stopping through the cloud")
         return False
     step_log("guest powering off (systemctl poweroff --force: processes killed, filesystems read-only)")
-    guest.instance.details["guest_powering_off"] = True  # the local cloud's stop() then waits before any ACPI event
+    cloud.expect_power_off(guest.instance)  # stop() then waits for it before any power-down event
     return True
 
 
 @stage("snapshot")
 def snapshot(plan: BuildPlan, guest: Guest, *, step_log: StepLog) -> ImageRef:
     if guest.session:
-        if getattr(plan.cloud, "stops_when_guest_powers_off", False):
-            power_off_from_inside(guest, step_log)
+        if isinstance(plan.cloud, PowersOffFromInside):
+            power_off_from_inside(plan.cloud, guest, step_log)
         guest.session.close()
         guest.session = None
     step_log(f"stopping {guest.instance.instance_id}")

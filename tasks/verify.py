@@ -10,10 +10,8 @@ from pathlib import Path
 
 from clouds import ssh
 from clouds.base import ImageRef
-from kiln.recipe import BaseSpec, Probe
-from provenance import store
-from tasks.common import BuildPlan, StepLog, stage
-from tasks.image_audit import (
+from core.recipe import BaseSpec, Probe
+from operations.image_audit import (
     BuildGuestFacts,
     ImageAuditFailed,
     audit_booted,
@@ -22,6 +20,8 @@ from tasks.image_audit import (
     checks_for,
     key_blob,
 )
+from provenance import store
+from tasks.common import BuildPlan, StepLog, stage
 from tasks.launch import Guest, release_guest, start_guest
 from tasks.wait_boot import connect_when_booted
 
@@ -127,36 +127,29 @@ def _judge(where: str, findings: list, checks: list[str], step_log: StepLog) -> 
 def verify(plan: BuildPlan, image: ImageRef, *, step_log: StepLog) -> Verification:
     base = plan.cloud.resolve_base(BaseSpec(image=image.image_id), plan.target.ssh_user)
     guest = start_guest(plan, base, "verify", step_log)
-    keep_guest = False
-    try:
-        # The guest boots (its own process, from an overlay: the image file is never written) while the disk audit
-        # reads the image file, so the audit's conversion and mount cost no wall time; a finding stops the boot.
-        audit_image_file(plan, image, step_log)
-        connect_when_booted(plan, guest, step_log)
-        audit_booted_image(plan, guest, step_log)
-        outcomes = [run_probe(plan, guest, probe) for probe in plan.recipe.verify]
-        outcomes.append(build_key_rejected(plan, guest))
-        for outcome in outcomes:
-            store.record_probe(
-                plan.build_id,
-                name=outcome.name,
-                kind=outcome.kind,
-                passed=outcome.passed,
-                detail=outcome.detail,
-                duration=outcome.duration,
-            )
-            step_log(f"{'PASS' if outcome.passed else 'FAIL'} {outcome.name}: {outcome.detail}")
-        facts = guest.session.facts()
-        packages = guest.session.package_manifest()
-        step_log(f"{facts.os_id} {facts.os_version}, {len(packages)} packages")
-        failed = [o.name for o in outcomes if not o.passed]
-        if failed:
-            keep_guest = plan.on_error == "abort"
-            raise VerifyFailed(f"{len(failed)} of {len(outcomes)} probes failed: {', '.join(failed)}")
-        return Verification(outcomes=outcomes, packages=packages, os=f"{facts.os_id} {facts.os_version}")
-    except BaseException:
-        keep_guest = keep_guest or plan.on_error == "abort"
-        raise
-    finally:
-        if not keep_guest:
-            release_guest(plan, guest, step_log)
+    # The guest boots (its own process, from an overlay: the image file is never written) while the disk audit
+    # reads the image file, so the audit's conversion and mount cost no wall time; a finding stops the boot. On any
+    # failure the guest is the build's failure policy's (flows/stages.py): released, or kept with --on-error abort.
+    audit_image_file(plan, image, step_log)
+    connect_when_booted(plan, guest, step_log)
+    audit_booted_image(plan, guest, step_log)
+    outcomes = [run_probe(plan, guest, probe) for probe in plan.recipe.verify]
+    outcomes.append(build_key_rejected(plan, guest))
+    for outcome in outcomes:
+        store.record_probe(
+            plan.build_id,
+            name=outcome.name,
+            kind=outcome.kind,
+            passed=outcome.passed,
+            detail=outcome.detail,
+            duration=outcome.duration,
+        )
+        step_log(f"{'PASS' if outcome.passed else 'FAIL'} {outcome.name}: {outcome.detail}")
+    facts = guest.session.facts()
+    packages = guest.session.package_manifest()
+    step_log(f"{facts.os_id} {facts.os_version}, {len(packages)} packages")
+    failed = [o.name for o in outcomes if not o.passed]
+    if failed:
+        raise VerifyFailed(f"{len(failed)} of {len(outcomes)} probes failed: {', '.join(failed)}")
+    release_guest(plan, guest, step_log)
+    return Verification(outcomes=outcomes, packages=packages, os=f"{facts.os_id} {facts.os_version}")

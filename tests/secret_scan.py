@@ -105,7 +105,7 @@ def walk(root: Path, skip: tuple[str, ...] = ()) -> Iterable[Path]:
 def scan_image(disk: Path, needles: dict[str, bytes]) -> list[Hit]:
     """Every file of the image's filesystem, mounted read-only, for the key's forms (not generic patterns:
     packages legitimately ship test keys and code that names key headers)."""
-    from tasks.audit import mounted_read_only
+    from operations.audit import mounted_read_only
 
     with mounted_read_only(disk) as root:
         return scan_files(walk(root, SKIP_IMAGE_DIRS), needles, patterns=False, label=root)

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from core.recipe import MAX_RECIPE_BYTES, RecipeError, load_recipe
 from kiln.cli import app
-from kiln.recipe import MAX_RECIPE_BYTES, RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE_DIR = Path("tests/data/hostile")  # relative to REPO, as a user would type it

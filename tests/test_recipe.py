@@ -15,8 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from kiln.cli import app
-from kiln.recipe import (
+from core.recipe import (
     SANITIZE_OPERATIONS,
     EC2Target,
     LocalTarget,
@@ -27,6 +26,7 @@ from kiln.recipe import (
     load_recipe,
     recipe_json_schema,
 )
+from kiln.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 BAD_DIR = Path("tests/data/bad_recipes")  # relative to REPO, as a user would type it
@@ -381,13 +381,21 @@ scripts:
 
 
 def test_sanitize_runs_every_operation_but_the_disabled_in_registry_order(tmp_path: Path) -> None:
-    sanitize = "sanitize: {enable: [machine-id], disable: [logfiles, ssh-hostkeys]}\n"
+    sanitize = "sanitize: {disable: [logfiles, ssh-hostkeys]}\n"
     path = write(tmp_path, "demo.yaml", MINIMAL + sanitize)
 
     selected = load_recipe(path).sanitize.selected()
 
     assert selected == [name for name in SANITIZE_OPERATIONS if name not in ("logfiles", "ssh-hostkeys")]
     assert load_recipe(write(tmp_path, "all.yaml", MINIMAL)).sanitize.selected() == list(SANITIZE_OPERATIONS)
+
+
+def test_sanitize_enable_runs_only_the_named_operations_in_registry_order_and_not_with_disable(tmp_path: Path) -> None:
+    only = load_recipe(write(tmp_path, "only.yaml", MINIMAL + "sanitize: {enable: [tmp-files, machine-id]}\n"))
+    assert only.sanitize.selected() == ["machine-id", "tmp-files"]
+
+    with pytest.raises(RecipeError, match=r"sanitize\.disable: give enable \(only these run\) or disable"):
+        load_recipe(write(tmp_path, "both.yaml", MINIMAL + "sanitize: {enable: [machine-id], disable: [logfiles]}\n"))
 
 
 def test_probes_have_a_kind_a_label_a_timeout_and_ports_to_open(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from typing import NoReturn
 
 import typer
 
+from core.settings import SIGNING_KEY_ENV
 from kiln.commands.output import fail, safe, stdout
-from kiln.settings import SIGNING_KEY_ENV
 
 KEY_ENV = SIGNING_KEY_ENV
 

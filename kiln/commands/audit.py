@@ -40,7 +40,7 @@ def audit(
     except AuditError as exc:
         _fail(str(exc), 1)
     except Exception as exc:  # the rebuild failed: its provenance names the stage (kiln show)
-        from tasks.common import describe
+        from provenance.redact import describe
 
         _fail(f"audit of {image_id} failed: {describe(exc)}", 1)
     if as_json:

@@ -17,10 +17,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from core.recipe import Recipe, RecipeError, printable
 from kiln.commands.output import fail, safe, stderr
-from kiln.recipe import EC2Target, Recipe, RecipeError, load_recipe, printable
 
-STAGES = ("fetch_base", "launch", "wait_boot", "customize", "sanitize", "snapshot", "verify", "register")
 STYLE = {"waiting": "dim", "running": "bold yellow", "succeeded": "green", "failed": "bold red", "cancelled": "red"}
 MARK = {"waiting": "·", "running": "▶", "succeeded": "✓", "failed": "✗", "cancelled": "⊘"}
 
@@ -62,11 +61,11 @@ def without_flow_heartbeats() -> AbstractContextManager:
 
 
 class LiveStages:
-    """A BuildListener that keeps each target's stage states and renders them as a table."""
+    """A BuildListener that keeps each target's stage states and renders them as a table, one column a stage."""
 
-    def __init__(self, targets: list[str], console: Console, live: bool) -> None:
-        self.console, self.live = console, live
-        self.state = {t: {s: ["waiting", None, None] for s in STAGES} for t in targets}  # status, start, end
+    def __init__(self, targets: list[str], stages: tuple[str, ...], console: Console, live: bool) -> None:
+        self.console, self.live, self.stages = console, live, stages
+        self.state = {t: {s: ["waiting", None, None] for s in stages} for t in targets}  # status, start, end
         self.build_ids: dict[str, str] = {}
         self.notes: dict[tuple[str, str], str] = {}
         self.lock = threading.Lock()
@@ -96,7 +95,7 @@ class LiveStages:
         table = Table(box=None, pad_edge=False)
         table.add_column("target")
         table.add_column("build")
-        for stage in STAGES:
+        for stage in self.stages:
             table.add_column(stage)
         now = time.monotonic()
         with self.lock:
@@ -129,18 +128,18 @@ def register(app: typer.Typer) -> None:
         targets = _checked_targets(recipe, target)
         quiet_prefect_console()
         from flows.build import BadInput, BuildRequest, build_recipe
-        from tasks.common import LISTENERS
+        from flows.stages import STAGE_NAMES, watched_by
 
         quiet_prefect_runs()
 
         console = Console(stderr=as_json)
         live_table = console.is_terminal and not as_json
-        listener = LiveStages(targets, console, live_table)
-        LISTENERS.append(listener)
+        listener = LiveStages(targets, STAGE_NAMES, console, live_table)
         request = BuildRequest(recipe=str(recipe), targets=targets, on_error=on_error, require_clean=require_clean,
                                use_cache=not no_cache)  # fmt: skip
         try:
             with ExitStack() as stack:
+                stack.enter_context(watched_by(listener))
                 stack.enter_context(without_flow_heartbeats())
                 if live_table:
                     stack.enter_context(Live(listener, console=console, refresh_per_second=4, transient=False))
@@ -151,8 +150,6 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             stderr().print("interrupted: every resource of the build was released; the build is recorded as cancelled")
             raise typer.Exit(130) from None
-        finally:
-            LISTENERS.remove(listener)
         _report(results, as_json, on_error)
         raise typer.Exit(0 if all(r["status"] == "succeeded" for r in results) else 1)
 
@@ -179,19 +176,17 @@ def register_cleanup(app: typer.Typer) -> None:
 
 def _checked_targets(recipe: Path, requested: list[str]) -> list[str]:
     """Bad input stops here, before Prefect starts or anything launches."""
+    from flows.request import BadInput, checked_request
+
     try:
-        loaded = load_recipe(recipe)
+        loaded, targets = checked_request(recipe, requested)
     except RecipeError as exc:
         for line in exc.lines():
             stderr().print(Text(line))
         raise typer.Exit(2) from None
-    unknown = [t for t in requested if t not in loaded.targets]
-    if unknown:
-        stderr().print(Text(printable(f"{recipe}: targets.{unknown[0]}: no such target "
-                                      f"(have: {', '.join(loaded.targets)})")))
-        raise typer.Exit(2)
-    _check_signing_key()
-    targets = requested or list(loaded.targets)
+    except BadInput as exc:
+        stderr().print(Text(printable(str(exc))))
+        raise typer.Exit(2) from None
     _check_settings(loaded, targets)
     return targets
 
@@ -199,26 +194,11 @@ def _checked_targets(recipe: Path, requested: list[str]) -> list[str]:
 def _check_settings(recipe: Recipe, targets: list[str]) -> None:
     """The settings the build will use, before Prefect starts: a SettingsError is one line naming the setting,
     exit 2 (kiln.cli), and nothing is launched."""
-    from kiln import settings
     from provenance import store
 
-    settings.data_dir()
-    if any(recipe.targets[name].cloud == "local" for name in targets):
-        settings.cache_dir()
-    if any(isinstance(recipe.targets[name], EC2Target) and recipe.targets[name].ssh_cidr == "auto"
-           and recipe.targets[name].public_ip_url is None for name in targets):
-        settings.public_ip_url()
+    for name in targets:
+        recipe.targets[name].check_settings()
     store.engine()  # created and migrated: a database kiln cannot use stops here
-
-
-def _check_signing_key() -> None:
-    """The register stage signs with KILN_SIGNING_KEY when it is set: an unreadable key stops the build here."""
-    from provenance import attest
-
-    problem = attest.signing_key_problem()
-    if problem:
-        stderr().print(Text(printable(problem)))
-        raise typer.Exit(2)
 
 
 def _report(results: list[dict], as_json: bool, on_error: str) -> None:

@@ -22,13 +22,6 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * _UNITS[match[2].upper()])
 
 
-def _cache():  # noqa: ANN202 - clouds.layers.LayerCache
-    from clouds.layers import LayerCache
-    from kiln import settings
-
-    return LayerCache(settings.layers_dir())
-
-
 def _age(stamp: str) -> str:
     seconds = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(stamp)).total_seconds()
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -45,7 +38,9 @@ def register(app: typer.Typer) -> None:
     @cache_app.command("list")
     def list_layers() -> None:
         """Every cached layer: key, step, size, age, last use, and the build that made it (most recently used first)."""
-        layers = _cache().list()
+        from operations.layer_cache import cached_layers
+
+        layers = cached_layers()
         table = Table("key", "step", "size", "age", "last used", "made by build")
         for layer in layers:
             table.add_row(layer.key[:12], safe(layer.step), f"{layer.size / 1024**2:.1f} MiB", _age(layer.created),
@@ -62,7 +57,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Remove layers unused for longer than --older-than, then the least recently used ones until the cache
         holds at most --max-size."""
-        from tasks.gc import parse_duration
+        from operations.gc import parse_duration
+        from operations.layer_cache import prune_layers
 
         if max_size is None and older_than is None:
             fail("kiln cache prune: give --max-size, --older-than or both")
@@ -71,7 +67,7 @@ def register(app: typer.Typer) -> None:
             age = parse_duration(older_than) if older_than else None
         except ValueError as exc:
             fail(str(exc))
-        gone = _cache().prune(max_size=limit, older_than=age)
+        gone = prune_layers(max_size=limit, older_than=age)
         for layer in gone:
             typer.echo(f"removed {layer.key[:12]} {layer.step} ({layer.size} bytes, last used {layer.last_used})")
         typer.echo(f"{len(gone)} layers removed, {sum(layer.size for layer in gone)} bytes freed")

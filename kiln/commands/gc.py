@@ -7,8 +7,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from core.recipe import printable
 from kiln.commands.output import fail, safe
-from kiln.recipe import printable
 
 STYLE = {"released": "green", "would release": "yellow", "closed (never created)": "green"}
 
@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         instances, images of failed builds, key pairs, security groups, floating IPs, local processes and
         files. Builds whose process died are marked interrupted first. Safe while other builds run."""
         from flows.reaper import collect_garbage
-        from tasks.gc import parse_duration
+        from operations.gc import parse_duration
 
         try:
             age = parse_duration(older_than) if older_than else None
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(1 if report.failed else 0)
 
 
-def print_report(report, console: Console, *, dry_run: bool) -> None:  # noqa: ANN001 - a tasks.gc.GcReport
+def print_report(report, console: Console, *, dry_run: bool) -> None:  # noqa: ANN001 - a operations.gc.GcReport
     for build_id in report.interrupted:
         done = "would be marked interrupted" if dry_run else "marked interrupted"
         console.print(f"build {safe(build_id)}: its process is gone; {done}")

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, NoReturn
 import typer
 from rich.tree import Tree
 
+from core.recipe import printable
 from kiln.commands.output import fail, safe, stdout
 from kiln.commands.records import _commit, _status, _where
-from kiln.recipe import printable
 
 if TYPE_CHECKING:
     from provenance.lineage import Lineage, LineageNode
@@ -60,8 +60,8 @@ def revoke(
     flags it where it can (EC2 deprecation, Glance deactivation, local catalog). Exit 1 if a cloud failed."""
     if not reason.strip():
         _fail("--reason must say why the image is revoked")
+    from operations.revoke import revoke as revoke_image
     from provenance import lineage as graph
-    from tasks.revoke import revoke as revoke_image
 
     try:
         result = revoke_image(image_id, reason, cascade=cascade)

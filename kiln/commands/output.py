@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kiln.recipe import printable
+from core.recipe import printable
 
 
 def stdout() -> Console:

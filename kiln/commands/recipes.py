@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from kiln.recipe import RecipeError, load_recipe, printable, recipe_json_schema
+from core.recipe import RecipeError, load_recipe, printable, recipe_json_schema
 
 EXIT_BAD_INPUT = 2
 

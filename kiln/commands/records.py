@@ -88,8 +88,8 @@ def images(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """List images kiln knows: built ones, their bases and copies, newest first."""
+    from operations.gc import parse_duration
     from provenance import lineage, store
-    from tasks.gc import parse_duration
 
     try:
         horizon = None if expiring is None else dt.datetime.now(dt.UTC) + parse_duration(expiring, "--expiring")

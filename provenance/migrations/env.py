@@ -29,7 +29,7 @@ def main() -> None:
         run_migrations(connection)
         return
     # Run by the alembic command line (for example to autogenerate a revision): use kiln's configured database.
-    from kiln.settings import database_url
+    from core.settings import database_url
 
     url = context.config.get_main_option("sqlalchemy.url") or database_url()
     engine = create_engine(url)

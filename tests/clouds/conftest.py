@@ -18,14 +18,14 @@ import yaml
 from clouds import qemu, ssh
 from clouds.base import BaseImage, KeyPair
 from clouds.local import LocalCloud
-from kiln import settings
+from core import settings
 
 BASE_SOURCES = ("image", "name", "ssm_parameter", "file", "url", "bootstrap")
 
 
 @dataclass(frozen=True)
 class Spec:
-    """Stands in for kiln.recipe.BaseSpec: the same attribute names, None when unset, and kind."""
+    """Stands in for core.recipe.BaseSpec: the same attribute names, None when unset, and kind."""
 
     image: str | None = None
     name: str | None = None

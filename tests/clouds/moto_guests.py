@@ -52,7 +52,7 @@ import boto3
 
 from clouds.base import TAG_BUILD, BaseImage, ImageRef, Instance, KeyPair
 from clouds.local import LocalCloud
-from kiln.recipe import BaseSpec
+from core.recipe import BaseSpec
 
 log = logging.getLogger("moto_guests")
 

@@ -21,9 +21,11 @@ from botocore.stub import ANY, Stubber
 from clouds import open_cloud
 from clouds.base import TAG_BUILD, TAG_ROLE, BaseImage, CloudError, ImageRef, KeyPair, Resource
 from clouds.ec2 import EC2Cloud, boot_mode_of, decode_console, publish_disk
-from kiln.recipe import BaseSpec, EC2Target, Timeouts, load_recipe
+from core.recipe import BaseSpec, EC2Target, Timeouts, load_recipe
+from operations.publish import publish_image
 from provenance import gitinfo, lineage, store
-from tasks.publish import publish_image_to_ec2
+from tasks.common import BuildPlan, release_open
+from tasks.register import replicate
 from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
 from tests.conftest import REPO
 
@@ -367,11 +369,24 @@ def test_revoke_tags_the_ami_and_its_snapshots_and_deprecates_it_from_the_next_m
     assert deprecate_at - before <= dt.timedelta(minutes=1)
 
 
+def plan_on(ec2: EC2Cloud) -> BuildPlan:
+    """A build of recipes/hello.yaml on this cloud, as far as the register stage's ledger needs one."""
+    recipe = load_recipe(REPO / "recipes/hello.yaml")
+    git = gitinfo.capture(recipe.path, recipe.referenced_files())
+    version = store.record_recipe_version(name=recipe.name, version=recipe.version, fingerprint=recipe.fingerprint(),
+                                          recipe_json=json.dumps(recipe.model_dump(mode="json"), sort_keys=True),
+                                          git=git)  # fmt: skip
+    build_id = store.start_build(recipe_version_id=version, target="ec2", cloud="ec2", region=REGION, trigger="test")
+    return BuildPlan(build_id=build_id, recipe=recipe, target_name="ec2", git=git, recipe_version_id=version,
+                     cloud=ec2)
+
+
 def test_replicate_copies_to_each_region_with_tags_and_shares_every_copy_and_its_snapshots(ec2, base):
     image = built_image(ec2, base)
     image_tags = {**TAGS, TAG_ROLE: "image"}
+    ec2.share_with = ["111122223333", "444455556666"]
 
-    copies = ec2.replicate(image, [REGION, OTHER], ["111122223333", "444455556666"], image_tags)
+    copies = replicate(plan_on(ec2), image, image_tags, step_log=lambda line: None)
 
     [copy] = copies
     assert copy.region == OTHER and copy.name == image.name
@@ -388,9 +403,12 @@ def test_replicate_copies_to_each_region_with_tags_and_shares_every_copy_and_its
 
 def test_a_failed_share_deletes_the_copies_already_made(ec2, base):
     image = built_image(ec2, base)
+    ec2.share_with = ["not-an-account"]
+    plan = plan_on(ec2)
 
     with pytest.raises(botocore.exceptions.ClientError, match="userId"):
-        ec2.replicate(image, [OTHER], ["not-an-account"], TAGS)
+        replicate(plan, image, TAGS, step_log=lambda line: None)
+    assert release_open(plan) == []  # what a failed build does: the copies were ledgered as they were made
 
     assert ec2.ec2(OTHER).describe_images(Owners=["self"])["Images"] == []
     assert [r.kind for r in ec2.owned() if r.region == OTHER] == []
@@ -638,7 +656,7 @@ def test_publish_image_to_ec2_registers_a_shared_ami_recorded_as_the_same_bits_a
                                    lambda params, **_: registered.append(dict(params)))  # fmt: skip
 
     with stubber:
-        publication = publish_image_to_ec2(local_id, ec2, bucket=bucket)
+        publication = publish_image(local_id, ec2, bucket=bucket)
 
     rows = {s.image.image_id: s.image for s in lineage.find_image(publication.image_id)}
     published = rows[publication.image_id]

@@ -24,7 +24,7 @@ from clouds.base import BaseImage, CloudError, HostKeyMismatch, ImageRef, Instan
 from clouds.bootstrap import MBR_BIN, PARTITION_OFFSET
 from clouds.local import LocalCloud
 from clouds.ova import ovf_descriptor
-from kiln.recipe import LocalTarget
+from core.recipe import LocalTarget
 from tests.clouds.conftest import Spec, our_qemu_processes, user_data
 
 TAGS = {"kiln:build-id": "test-build", "kiln:recipe": "tests"}

@@ -22,7 +22,7 @@ import requests_mock
 from clouds.base import BaseImage, Instance, KeyPair
 from clouds.local import LocalCloud
 from clouds.openstack import OpenStackCloud
-from kiln import settings
+from core import settings
 from provenance import lineage, store
 from tests.clouds.openstack_fake import FakeOpenStack, FakeServer, user_data_of
 from tests.conftest import REPO

@@ -20,8 +20,8 @@ from openstack import exceptions as os_exc
 from clouds import openstack as openstack_cloud
 from clouds.base import TAG_BUILD, TAG_COMMIT, TAG_RECIPE, TAG_ROLE, TAG_VALID_UNTIL, CloudError, ImageRef, Resource
 from clouds.openstack import GLANCE_PROPERTIES, FileDigests, OpenStackCloud, connect
+from operations.publish import PublishRefused, publish_image
 from provenance import lineage, store
-from tasks.publish import PublishRefused, publish_image
 from tests.clouds.conftest import Spec
 from tests.openstack_server import ADMIN_PASSWORD, OpenStackServers
 

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from clouds.base import TAG_BUILD, ImageRef
 from clouds.local import LocalCloud
 from clouds.openstack import OpenStackCloud
-from kiln import settings
+from core import settings
 from kiln.cli import app
+from operations.publish import publish_image
 from provenance import lineage, store
 from provenance.gitinfo import GitInfo
-from tasks.publish import publish_image
 from tests.openstack_server import OpenStackServers
 
 pytest_plugins = ["tests.clouds.openstack_fixtures"]

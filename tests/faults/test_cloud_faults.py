@@ -29,8 +29,8 @@ from clouds.ec2 import EC2Cloud
 from clouds.local import LocalCloud
 from clouds.openstack import OpenStackCloud
 from flows import limits
+from flows.stages import STAGE_NAMES as STAGES
 from provenance import lineage, store
-from tasks.common import STAGES
 from tests.clouds.conftest import bootstrap_base, cloud  # noqa: F401 - fixtures
 from tests.clouds.moto_ec2 import SSM_AL2023, moto_server  # noqa: F401 - fixture
 from tests.clouds.openstack_fake import FakeOpenStack, served

@@ -20,7 +20,7 @@ import pytest
 
 from clouds.base import TAG_BUILD, KeyPair
 from clouds.local import LocalCloud
-from kiln import settings
+from core import settings
 from provenance import lineage, store
 from tests.conftest import REPO
 from tests.flows.conftest import KILN, hello_recipe, prefect_api  # noqa: F401 - fixture
@@ -83,7 +83,7 @@ def kill_and_collect(recipe: Path, target: str, stage: str, left, before_gc=None
 
 
 def recipe_name(recipe: Path) -> str:
-    from kiln.recipe import load_recipe
+    from core.recipe import load_recipe
 
     return load_recipe(recipe).name
 

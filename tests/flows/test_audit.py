@@ -11,6 +11,7 @@ import pytest
 import yaml
 from git import Repo
 
+from core.recipe import load_recipe
 from flows.audit import (
     AuditError,
     FingerprintMismatch,
@@ -20,7 +21,6 @@ from flows.audit import (
     recorded_checkout,
 )
 from kiln.commands.audit import print_report
-from kiln.recipe import load_recipe
 from provenance import gitinfo, lineage, store
 from tests.conftest import REPO
 from tests.flows.conftest import HelloBuild, git, hello_recipe, run_kiln

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from clouds import container, disk
-from kiln import settings
+from core import settings
+from operations.audit import compare_packages
 from provenance import lineage, store
-from tasks.audit import compare_packages
 from tests.flows.conftest import KILN, FailedScriptBuild, HelloBuild, committed_recipe, run_kiln, service_recipe
 
 pytestmark = pytest.mark.vm
@@ -99,7 +99,7 @@ def test_a_container_build_runs_the_service_it_installs_and_its_image_is_verifie
     assert "guest powering off" in logs["snapshot"] and "trimmed" in logs["snapshot"]
     assert "SSH up, host key" in logs["verify"]  # the image itself booted in QEMU from its own disk
     assert detail["recipe"]["commit"] == commit and detail["recipe"]["dirty"] is False
-    from kiln.recipe import load_recipe
+    from core.recipe import load_recipe
 
     assert detail["recipe"]["fingerprint"] == load_recipe(recipe).fingerprint()
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from clouds import open_cloud
+from core.recipe import EC2Target, LocalTarget, OpenStackTarget
 from flows.limits import (
     LimitMissing,
     default_limit,
@@ -25,7 +27,6 @@ from flows.limits import (
     on_ephemeral_server,
     vm_slot,
 )
-from kiln.recipe import EC2Target, LocalTarget, OpenStackTarget
 from tests.prefect_server import prefect_server, server_env
 
 KILN = Path(sys.executable).with_name("kiln")
@@ -49,10 +50,13 @@ def kiln(home: Path, api_url: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_limit_names_follow_cloud_region_and_clouds_yaml_entry():
     base = {"base": {"image": "x"}, "ssh_user": "debian"}
-    assert limit_name_for(LocalTarget(**base), "local") == "kiln-vms-local"
-    assert limit_name_for(EC2Target(region="us-east-1", ssh_cidr="auto", **base), "aws") == "kiln-vms-ec2-us-east-1"
-    assert limit_name_for(OpenStackTarget(flavor="m1", os_cloud="Lab_2", **base), "os") == "kiln-vms-openstack-lab-2"
-    assert limit_name_for(OpenStackTarget(flavor="m1", **base), "sierra") == "kiln-vms-openstack-sierra"
+    def limit_of(target, name):  # noqa: ANN001, ANN202 - the limit of the cloud the target opens
+        return limit_name_for(open_cloud(target, target_name=name))
+
+    assert limit_of(LocalTarget(**base), "local") == "kiln-vms-local"
+    assert limit_of(EC2Target(region="us-east-1", ssh_cidr="auto", **base), "aws") == "kiln-vms-ec2-us-east-1"
+    assert limit_of(OpenStackTarget(flavor="m1", os_cloud="Lab_2", **base), "os") == "kiln-vms-openstack-lab-2"
+    assert limit_of(OpenStackTarget(flavor="m1", **base), "sierra") == "kiln-vms-openstack-sierra"
     assert normalize("ec2-eu-west-1") == normalize("kiln-vms-ec2-eu-west-1") == limit_name("ec2", "eu-west-1")
     with pytest.raises(ValueError, match="lowercase"):
         normalize("EC2 us")

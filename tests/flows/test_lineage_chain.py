@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from clouds.base import TAG_BUILD, TAG_ROLE, KeyPair
 from clouds.ec2 import EC2Cloud
+from core.recipe import BaseSpec
 from kiln.cli import app
-from kiln.recipe import BaseSpec
 from provenance import lineage, store
 from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
 from tests.flows.conftest import HelloBuild, committed_recipe, run_kiln

@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 
 from clouds import open_cloud
 from clouds.base import TAG_VALID_UNTIL, BaseImage, ImageFile, ImageRef
-from kiln import settings
+from core import settings
+from core.recipe import BaseSpec, load_recipe
 from kiln.cli import app
-from kiln.recipe import BaseSpec, load_recipe
 from provenance import attest, gitinfo, lineage, store
 from tasks.common import BuildPlan
 from tasks.fetch_base import ResolvedBase

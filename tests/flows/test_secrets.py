@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln import settings
+from core import settings
 from provenance import lineage
 from tests.flows.conftest import FailedScriptBuild
 from tests.secret_scan import scan_bytes, scan_database, scan_files

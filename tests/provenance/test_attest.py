@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from typer.testing import CliRunner
 
+from core.settings import KILN_VERSION
 from kiln.cli import app
-from kiln.settings import KILN_VERSION
 from provenance import attest, lineage, store
 from provenance.gitinfo import GitInfo
 

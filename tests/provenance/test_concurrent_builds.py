@@ -31,7 +31,8 @@ def one_build(recipe: str) -> tuple[str, str, str]:
     the build's private key, handed to the test alone so it can prove the key reached no row)."""
     from prefect.logging import disable_run_logger
 
-    from flows.build import conclude_failure, prepare
+    from flows.build import prepare
+    from flows.stages import conclude_failure
     from tasks.common import hand_over
     from tasks.fetch_base import fetch_base
     from tasks.launch import launch

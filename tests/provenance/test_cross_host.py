@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 from clouds import bootstrap
 from clouds.base import ImageFile, ImageRef
 from clouds.local import LocalCloud
+from core.recipe import load_recipe
 from kiln.cli import app
-from kiln.recipe import load_recipe
 from provenance import gitinfo, lineage, store
 from tasks.common import BuildPlan
 from tasks.fetch_base import ResolvedBase, fetch_base

@@ -13,13 +13,13 @@ from prefect.logging import disable_run_logger
 from typer.testing import CliRunner
 
 from clouds.local import LocalCloud
-from kiln import settings
+from core import settings
+from core.recipe import load_recipe
 from kiln.cli import app
-from kiln.recipe import load_recipe
+from operations.revoke import revoke
 from provenance import gitinfo, lineage, store
 from tasks.common import BuildPlan
 from tasks.fetch_base import RevokedBaseError, fetch_base
-from tasks.revoke import revoke
 from tests.provenance.seeded_chain import Chain, seed_chain
 
 runner = CliRunner()

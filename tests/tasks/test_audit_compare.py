@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.audit import (
+from operations.audit import (
     EXCLUDED,
     DiskError,
     compare_digests,

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from clouds.base import TAG_BUILD, TAG_ROLE, Resource
 from clouds.local import LocalCloud
+from core.recipe import load_recipe
 from kiln.cli import app
-from kiln.recipe import load_recipe
+from operations.gc import RELEASE_ORDER, find_leftovers, parse_duration, release_leftovers
 from provenance import gitinfo, lineage, store
-from tasks.gc import RELEASE_ORDER, find_leftovers, parse_duration, release_leftovers
 
 REPO = Path(__file__).resolve().parents[2]
 

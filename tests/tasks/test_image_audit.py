@@ -10,7 +10,7 @@ import pytest
 from prefect.logging import disable_run_logger
 
 from clouds.base import ImageFile, ImageRef, KeyPair
-from tasks.image_audit import (
+from operations.image_audit import (
     CHECKS,
     BuildGuestFacts,
     audit_booted,
@@ -116,7 +116,7 @@ def test_the_audit_script_runs_on_a_real_shell_against_this_tree_layout(tmp_path
 
 
 def test_a_local_image_holding_the_build_key_fails_verify_before_anything_boots(tmp_path):
-    from tasks.image_audit import ImageAuditFailed
+    from operations.image_audit import ImageAuditFailed
     from tasks.verify import audit_image_file
 
     disk = tmp_path / "disk.raw"

@@ -18,9 +18,9 @@ from prefect.logging import disable_run_logger
 from clouds.base import KeyPair
 from clouds.layers import LayerCache, diff, manifest
 from clouds.local import LocalCloud
-from kiln.recipe import load_recipe
+from core.recipe import load_recipe
+from operations.audit import compare_digests, tree_digests
 from provenance import gitinfo, lineage, store
-from tasks.audit import compare_digests, tree_digests
 from tasks.common import BuildPlan
 from tasks.customize import CustomizeError, customize, layer_keys, steps_of
 from tasks.launch import Guest

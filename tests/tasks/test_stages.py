@@ -14,9 +14,9 @@ from prefect.logging import disable_run_logger
 
 from clouds.base import BaseImage, KeyPair, Resource
 from clouds.ssh import CommandFailed, RunResult
+from core.recipe import SANITIZE_OPERATIONS, load_recipe
+from core.settings import KILN_VERSION
 from flows.nightly import decide
-from kiln.recipe import SANITIZE_OPERATIONS, load_recipe
-from kiln.settings import KILN_VERSION
 from provenance import gitinfo, lineage, store
 from tasks.common import BuildPlan, StageError, ledgered, release_open, stage
 from tasks.fetch_base import fetch_base

@@ -6,15 +6,12 @@ from __future__ import annotations
 import logging
 
 import apprise
-from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
 
-from kiln import settings
-from kiln.recipe import masked_notify_url, notify_url_problem
+from core import settings
+from core.recipe import masked_notify_url, notify_url_problem
 from provenance import lineage
 from provenance.lineage import BuildDetail
-from provenance.redact import redact
-from tasks.common import BuildPlan, describe
+from provenance.redact import describe, redact
 
 log = logging.getLogger("kiln.notify")
 
@@ -28,28 +25,29 @@ def notify_settings_problem() -> str | None:
     return None
 
 
-def notification_urls(plan: BuildPlan) -> list[str]:
+def notification_urls(recipe_urls: list[str]) -> list[str]:
     """The host's URLs (KILN_NOTIFY) and the recipe's, each once."""
-    recipe_urls = list(plan.recipe.notify) if plan.recipe is not None else []
     return list(dict.fromkeys([*settings.notify_urls(), *recipe_urls]))
 
 
-def notify_finished_build(plan: BuildPlan) -> None:
-    """Send the finished build's message to every URL; log, never raise, what could not be sent."""
-    urls = notification_urls(plan)
+def notify_finished_build(build_id: str, recipe_urls: list[str]) -> None:
+    """Send the finished build's message to every URL (the host's and the recipe's `notify`); log, never raise,
+    what could not be sent."""
+    urls = notification_urls(recipe_urls)
     if not urls:
         return
+    short_id = build_id[:8]
     try:
-        detail = lineage.get_build(plan.build_id)
+        detail = lineage.get_build(build_id)
         if detail is None:
             return
         title, body = build_message(detail)
         kind = apprise.NotifyType.SUCCESS if detail.build.status == "succeeded" else apprise.NotifyType.FAILURE
     except Exception as exc:  # reading provenance failed: say so, the build's own outcome stands
-        _warn(f"build {plan.short_id}: no notification sent: {describe(exc)}")
+        _warn(f"build {short_id}: no notification sent: {describe(exc)}")
         return
     for url in urls:
-        _send(url, title, body, kind, plan.short_id)
+        _send(url, title, body, kind, short_id)
 
 
 def _send(url: str, title: str, body: str, kind: apprise.NotifyType, build: str) -> None:
@@ -67,6 +65,9 @@ def _send(url: str, title: str, body: str, kind: apprise.NotifyType, build: str)
 
 
 def _warn(message: str) -> None:
+    from prefect import get_run_logger  # here: kiln build checks KILN_NOTIFY before Prefect is imported
+    from prefect.exceptions import MissingContextError
+
     try:
         get_run_logger().warning("%s", message)
     except MissingContextError:

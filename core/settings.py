@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from kiln import __version__
-
-KILN_VERSION = __version__
+try:
+    KILN_VERSION = version("kiln")
+except PackageNotFoundError:  # running from a checkout that was never installed
+    KILN_VERSION = "0.0.0+unknown"
 SIGNING_KEY_ENV = "KILN_SIGNING_KEY"  # the ed25519 key `kiln attest` and every build's register stage sign with
 # Where `ssh_cidr: auto` looks up this machine's public address (the address, as text), as Packer does.
 DEFAULT_PUBLIC_IP_URL = "https://checkip.amazonaws.com"

@@ -11,18 +11,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from clouds import open_cloud
-from clouds.base import TAG_BUILD, Resource
-from kiln import settings
-from kiln.recipe import recorded_target
+from clouds import registry
+from clouds.base import RELEASE_ORDER, TAG_BUILD, Collectable, Resource
+from core import settings
 from provenance import lineage, store
-from tasks.common import describe
+from provenance.redact import describe
 
-# Instances hold key pairs, groups and addresses; images hold snapshots: release in this order.
-RELEASE_ORDER = (
-    "instance", "image", "snapshot", "volume", "keypair", "security-group", "floating-ip", "process", "mount", "loop",
-    "netns", "file",
-)  # fmt: skip
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -50,7 +44,7 @@ class Leftover:
     ledger_rows: list[int] = field(default_factory=list)
     by_tag: bool = False
     action: str = ""  # released | would release | failed: … | skipped: …
-    backend: Any = field(default=None, repr=False)  # the Cloud to release it through
+    backend: Collectable | None = field(default=None, repr=False)  # the cloud to release it through
 
     @property
     def source(self) -> str:
@@ -76,36 +70,29 @@ class GcReport:
         return not self.leftovers and not self.interrupted and not self.unreachable
 
 
-def cloud_key(cloud: Any) -> tuple:
-    """Two backends with the same key reach the same resources."""
-    if cloud.name == "local":
-        return ("local", str(cloud.state_dir), str(cloud.images_dir))
-    if cloud.name == "ec2":
-        return ("ec2", cloud.region, tuple(cloud.regions), cloud.endpoint_url, cloud.profile)
-    return (cloud.name, getattr(cloud, "os_cloud", ""))
-
-
-
-
 class Clouds:
-    """The backends gc looks through, opened once each: local always, and every recorded ec2/openstack target."""
+    """The clouds gc looks through, each scope opened once: this host's always, and every recorded target's."""
 
-    def __init__(self, opener: Callable[..., Any] = open_cloud) -> None:
+    def __init__(self, opener: Callable[..., Collectable | None] = registry.reopen) -> None:
         self.opener = opener
-        self.by_key: dict[tuple, Any] = {}
+        self.by_scope: dict[tuple[str, ...], Collectable] = {}
 
-    def add(self, target_name: str, spec: dict[str, Any]) -> Any:
-        cloud = self.opener(recorded_target(spec), target_name=target_name)
-        return self.by_key.setdefault(cloud_key(cloud), cloud)
+    def add(self, target_name: str, spec: dict[str, Any]) -> Collectable | None:
+        """The cloud of a recorded target (spec: the target as its build recorded it)."""
+        cloud = self.opener(str(spec.get("cloud", "")), target=spec, target_name=target_name)
+        return self._keep(cloud) if isinstance(cloud, Collectable) else None
 
-    def add_local(self) -> Any:
-        from clouds.local import LocalCloud
+    def add_always_collected(self) -> None:
+        for cloud in registry.collected_always():
+            if isinstance(cloud, Collectable):
+                self._keep(cloud)
 
-        cloud = LocalCloud()
-        return self.by_key.setdefault(cloud_key(cloud), cloud)
+    def _keep(self, cloud: Collectable) -> Collectable:
+        return self.by_scope.setdefault(cloud.scope, cloud)
 
-    def selected(self, only: str | None) -> list[Any]:
-        return [c for c in self.by_key.values() if only is None or only in (c.name, getattr(c, "os_cloud", None))]
+    def selected(self, only: str | None) -> list[Collectable]:
+        """All, or those of one kind (`--cloud ec2`) or one place (`--cloud ENTRY`)."""
+        return [c for c in self.by_scope.values() if only is None or only in (c.name, c.region)]
 
 
 def _running(status: str) -> bool:
@@ -121,8 +108,8 @@ def find_leftovers(
     interrupted = store.dead_builds() if dry_run else store.mark_interrupted_builds()
     dead = set(interrupted)
     clouds = clouds or Clouds()
-    clouds.add_local()
-    for target_name, spec in lineage.recorded_cloud_targets():
+    clouds.add_always_collected()
+    for target_name, spec in lineage.recorded_targets():
         try:
             clouds.add(target_name, spec)
         except Exception:  # noqa: S112 - a target this kiln cannot open any more is reported by the ledger pass
@@ -156,7 +143,7 @@ def _ledger_leftovers(
     """Open ledger rows of builds that are not running (a row with no cloud id: the call never returned)."""
     rows = store.open_resources()
     builds = lineage.builds_by_id([row.build_id for row in rows])
-    backends: dict[str, Any] = {}
+    backends: dict[str, Collectable | None] = {}
     for row in rows:
         summary = builds.get(row.build_id)
         if summary is None or _running(_status(summary, dead)):
@@ -175,7 +162,7 @@ def _ledger_leftovers(
             backend = _backend_for_build(summary, clouds)
             backends[row.build_id] = backend
         # A row without a region is in the backend's own: keyed so, it meets the same resource found by its tags
-        region = row.region or getattr(backend, "region", "") or ""
+        region = row.region or (backend.region if backend is not None else "")
         item = items.setdefault(
             (row.cloud, region, row.kind, row.cloud_id),
             Leftover(row.cloud, row.kind, row.cloud_id, region, row.build_id, created=row.created),
@@ -184,7 +171,7 @@ def _ledger_leftovers(
         item.backend = item.backend or backend
 
 
-def _backend_for_build(summary: Any, clouds: Clouds) -> Any:
+def _backend_for_build(summary: Any, clouds: Clouds) -> Collectable | None:
     spec = _json(summary.recipe.recipe_json).get("targets", {}).get(summary.build.target)
     if spec is None:
         return None
@@ -194,7 +181,9 @@ def _backend_for_build(summary: Any, clouds: Clouds) -> Any:
         return None
 
 
-def _tagged_leftovers(items: dict[tuple, Leftover], backends: Iterable[Any], cutoff: dt.datetime | None) -> list[str]:
+def _tagged_leftovers(
+    items: dict[tuple, Leftover], backends: Iterable[Collectable], cutoff: dt.datetime | None
+) -> list[str]:
     unreachable = []
     for backend in backends:
         try:

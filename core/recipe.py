@@ -31,9 +31,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-CLOUD_KINDS = ("local", "ec2", "openstack")
+from core import settings
+from core.digests import sha256_file
 
-# Named like virt-sysprep's operations where the meaning is the same; all run unless disabled.
+# Named like virt-sysprep's operations where the meaning is the same; all run unless the recipe names some.
 SANITIZE_OPERATIONS = (
     "ssh-hostkeys",
     "ssh-userdir",
@@ -215,14 +216,6 @@ def _recipe_relative(value: str, info: ValidationInfo) -> str:
     return normal
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------- models
 
 
@@ -320,20 +313,28 @@ ScriptEntry = Annotated[Script, BeforeValidator(_script_from_yaml, json_schema_i
 
 
 class SanitizeSpec(_Model):
-    """Which sanitize operations run before the snapshot: all of them, minus `disable`."""
+    """Which sanitize operations run before the snapshot: all of them; only those `enable` names (as virt-sysprep's
+    --enable); or all but those `disable` names. Not both lists."""
 
-    enable: list[Literal[SANITIZE_OPERATIONS]] = []  # type: ignore[valid-type]
-    disable: list[Literal[SANITIZE_OPERATIONS]] = []  # type: ignore[valid-type]
+    enable: list[Literal[SANITIZE_OPERATIONS]] = Field(  # type: ignore[valid-type]
+        default=[], description="Run only these operations (every other one is left out).")
+    disable: list[Literal[SANITIZE_OPERATIONS]] = Field(  # type: ignore[valid-type]
+        default=[], description="Run every operation but these.")
 
     @model_validator(mode="after")
     def _not_both(self) -> SanitizeSpec:
         for index, name in enumerate(self.disable):
             if name in self.enable:
                 raise _field_error(f"{name!r} is both enabled and disabled; keep it in one list", "disable", index)
+        if self.enable and self.disable:
+            raise _field_error("give enable (only these run) or disable (every operation but these run), not both",
+                               "disable")  # fmt: skip
         return self
 
     def selected(self) -> list[str]:
         """The operations to run, in SANITIZE_OPERATIONS order."""
+        if self.enable:
+            return [name for name in SANITIZE_OPERATIONS if name in self.enable]
         return [name for name in SANITIZE_OPERATIONS if name not in self.disable]
 
 
@@ -570,7 +571,7 @@ class BaseSpec(_Model):
             raise _field_error("is required with url: kiln checks every base it downloads", "sha256")
         base_dir = (info.context or {}).get("base_dir")
         if self.file is not None and self.sha256 is not None and base_dir is not None:
-            actual = _file_sha256(base_dir / self.file)
+            actual = sha256_file(base_dir / self.file)
             if actual != self.sha256:
                 raise _field_error(f"{self.file} has sha256 {actual}, not {self.sha256}", "sha256")
         return self
@@ -580,24 +581,34 @@ class BaseSpec(_Model):
         return next(source for source in BASE_SOURCES if getattr(self, source) is not None)  # type: ignore[return-value]
 
 
-class _TargetBase(_Model):
+class CloudTarget(_Model):
+    """What every target says, whatever its cloud; each cloud's model adds its own fields and its `cloud` literal
+    (the discriminator)."""
+
     base: BaseSpec
     ssh_user: str = Field(default="debian", pattern=UNIX_USER, description="Login user of the base image.")
     disk_size_gb: int | None = Field(default=None, gt=0, le=16384)
     build_in: Literal["vm"] = Field(default="vm", description="Cloud targets build in an instance reached over SSH.")
 
     _allowed_bases: typing.ClassVar[tuple[str, ...]] = BASE_SOURCES
+    _owners_apply: typing.ClassVar[bool] = False  # base.owners narrows a name search to these image owners
 
     @model_validator(mode="after")
-    def _base_fits_cloud(self) -> _TargetBase:
+    def _base_fits_cloud(self) -> CloudTarget:
         cloud = type(self).model_fields["cloud"].default
         kind = self.base.kind
         if kind not in self._allowed_bases:
             allowed = ", ".join(self._allowed_bases)
             raise _field_error(f"{kind} bases are not available for {cloud} targets (use {allowed})", "base", kind)
-        if self.base.owners is not None and cloud != "ec2":
-            raise _field_error(f"owners only applies to ec2 targets, not {cloud}", "base", "owners")
+        if self.base.owners is not None and not self._owners_apply:
+            owning = ", ".join(sorted(kind for kind, model in _MODELS.items() if model._owners_apply))
+            raise _field_error(f"owners only applies to {owning} targets, not {cloud}", "base", "owners")
         return self
+
+    def check_settings(self) -> None:
+        """Read the host settings a build of this target uses, so a bad one stops the build before anything starts
+        (SettingsError naming the setting)."""
+        settings.data_dir()
 
 
 def _recorded(info: ValidationInfo | None) -> bool:
@@ -630,7 +641,7 @@ def _ec2_cidr(value: str | None, info: ValidationInfo) -> str | None:
     return value if value == SSH_CIDR_AUTO else _cidr(value, info)
 
 
-class LocalTarget(_TargetBase):
+class LocalTarget(CloudTarget):
     """This host: a container (or a QEMU guest) to build in, a QEMU guest to verify in."""
 
     cloud: Literal["local"] = "local"
@@ -652,8 +663,12 @@ class LocalTarget(_TargetBase):
 
     _allowed_bases = ("image", "name", "file", "url", "bootstrap")
 
+    def check_settings(self) -> None:
+        super().check_settings()
+        settings.cache_dir()
 
-class EC2Target(_TargetBase):
+
+class EC2Target(CloudTarget):
     """Amazon EC2 (or an EC2-compatible endpoint)."""
 
     cloud: Literal["ec2"] = "ec2"
@@ -682,7 +697,13 @@ class EC2Target(_TargetBase):
     )
 
     _allowed_bases = ("image", "name", "ssm_parameter")
+    _owners_apply = True
     _check_cidr = field_validator("ssh_cidr")(_ec2_cidr)
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        if self.ssh_cidr == SSH_CIDR_AUTO and self.public_ip_url is None:
+            settings.public_ip_url()
 
     @model_validator(mode="after")
     def _nothing_open_to_the_world(self, info: ValidationInfo) -> EC2Target:
@@ -697,7 +718,7 @@ class EC2Target(_TargetBase):
         return self
 
 
-class OpenStackTarget(_TargetBase):
+class OpenStackTarget(CloudTarget):
     """An OpenStack cloud reached through a clouds.yaml entry."""
 
     cloud: Literal["openstack"] = "openstack"
@@ -720,6 +741,10 @@ class OpenStackTarget(_TargetBase):
 
 Target = Annotated[LocalTarget | EC2Target | OpenStackTarget, Field(discriminator="cloud")]
 _TARGET = TypeAdapter(Target)
+_MODELS: dict[str, type[CloudTarget]] = {
+    model.model_fields["cloud"].default: model for model in typing.get_args(typing.get_args(Target)[0])
+}
+CLOUD_KINDS = tuple(_MODELS)  # every cloud a target may name (each has its backend in clouds/registry.py)
 
 
 def recorded_target(spec: dict[str, Any]) -> LocalTarget | EC2Target | OpenStackTarget:
@@ -845,7 +870,7 @@ class Recipe(_Model):
         files = []
         for relative in self._relative_files():
             try:
-                files.append({"path": relative, "sha256": _file_sha256(self.resolve(relative))})
+                files.append({"path": relative, "sha256": sha256_file(self.resolve(relative))})
             except OSError as error:
                 problem = Problem(_field_of_file(self, relative), f"cannot read {relative}: {error.strerror}", None)
                 raise RecipeError(self._path or Path(self.name), [problem]) from error
@@ -862,7 +887,7 @@ class Recipe(_Model):
         except KeyError:
             raise KeyError(f"recipe {self.name} has no target {name!r} (targets: {', '.join(self.targets)})") from None
 
-    def target_kind(self, name: str) -> Literal["local", "ec2", "openstack"]:
+    def target_kind(self, name: str) -> str:
         """Which cloud the target called `name` builds on."""
         return self.target(name).cloud
 
@@ -1300,12 +1325,11 @@ def _read_recipe_text(path: Path) -> str:
 def recipe_json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of the recipe YAML, for editors and other tools."""
     schema = Recipe.model_json_schema()
-    union = {"oneOf": [{"$ref": f"#/$defs/{model.__name__}"}
-                       for model in (LocalTarget, EC2Target, OpenStackTarget)]}
-    target_by_name = {"local": LocalTarget, "ec2": EC2Target, "openstack": OpenStackTarget}
+    union = {"oneOf": [{"$ref": f"#/$defs/{model.__name__}"} for model in _MODELS.values()]}
     schema["properties"]["targets"] = {
         "title": "Targets",
-        "description": "Clouds to build on, by target name. A target named local, ec2 or openstack "
+        "description": f"Clouds to build on, by target name. A target named {', '.join(CLOUD_KINDS[:-1])} or "
+                       f"{CLOUD_KINDS[-1]} "
                        "is of that cloud unless it sets `cloud`; any other name must set `cloud`.",
         "type": "object",
         "minProperties": 1,
@@ -1313,7 +1337,7 @@ def recipe_json_schema() -> dict[str, Any]:
         "properties": {
             name: {"if": {"required": ["cloud"]}, "then": union,
                    "else": {"$ref": f"#/$defs/{model.__name__}"}}
-            for name, model in target_by_name.items()
+            for name, model in _MODELS.items()
         },
         "additionalProperties": {"allOf": [{"required": ["cloud"]}, union]},
     }

@@ -10,7 +10,6 @@ are left out (EXCLUDED, documented below).
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import stat
 from collections.abc import Iterable
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clouds.disk import DiskError, linux_partition, mounted_read_only  # noqa: F401 - re-exported
+from core.digests import sha256_file
 
 # Paths (relative to the filesystem root, fnmatch patterns where * also crosses /) that differ between two
 # builds of the same commit for reasons unrelated to the recipe:
@@ -186,13 +186,5 @@ def tree_digests(root: Path, patterns: Iterable[str] = EXCLUDED_PATTERNS) -> tup
             if stat.S_ISLNK(info.st_mode):
                 digests[relative] = "symlink:" + os.readlink(full)
             elif stat.S_ISREG(info.st_mode):
-                digests[relative] = _sha256_file(full)
+                digests[relative] = sha256_file(full)
     return digests, left_out
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -1,8 +1,7 @@
 """Revocation: mark an image and its descendants in provenance, then flag them where users find images —
 the cloud itself (EC2 deprecation, Glance deactivation, the local image's meta.json) and kiln's catalog entry.
 
-A backend offers revocation through an optional method, `revoke_image(image: ImageRef, reason: str) -> None`
-(or its own deactivate_image/deprecate_image(image_id)); one without any is reported, not failed.
+A cloud flags images when it has the RevokesImages capability; one without it is reported, not failed.
 Provenance is written first: it is what refuses a revoked base.
 """
 
@@ -10,17 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from clouds import open_cloud
-from clouds.base import ImageRef
-from kiln import settings
-from kiln.recipe import recorded_target
+from clouds import registry
+from clouds.base import Cloud, HoldsConnection, ImageRef, RevokesImages
+from core import settings
 from provenance import lineage, store
+from provenance.redact import describe
 from provenance.store import RevokedImage
-from tasks.common import describe
 
 
 @dataclass
@@ -72,52 +69,39 @@ def revoke(image_id: str, reason: str, *, cascade: bool = False) -> Revocation:
 
 
 def act_on_cloud(row: RevokedImage) -> CloudAction:
-    """Ask the image's cloud to flag it revoked, when the backend can."""
+    """Ask the image's cloud to flag it revoked, when the cloud can."""
     action = CloudAction(row.image_id, row.cloud, row.region, "skipped")
-    if row.kind == "copy" and not _is_cloud_object(row):
-        action.detail = "another file form of the same local image: flagged with it"
-        return action
-    if row.kind == "base" and not _is_cloud_object(row):
-        action.detail = "a base file in kiln's cache, not a cloud image"
+    if row.kind in ("copy", "base") and not _is_cloud_object(row):
+        action.detail = ("another file form of the same local image: flagged with it" if row.kind == "copy"
+                         else "a base file in kiln's cache, not a cloud image")  # fmt: skip
         return action
     try:
         cloud = _open_cloud_of(row)
     except Exception as exc:  # credentials or endpoint missing: provenance is revoked all the same
         action.outcome, action.detail = "failed", f"could not open {row.cloud}: {describe(exc)}"
         return action
+    if cloud is None:
+        action.outcome = "unsupported"
+        action.detail = (f"no recorded target says how to reach {row.cloud} {row.region}".rstrip()
+                         + "; revoked in provenance only")  # fmt: skip
+        return action
     try:
-        flag = _revocation_call(cloud, row)
-        if flag is None:
+        if not isinstance(cloud, RevokesImages):
             action.outcome = "unsupported"
-            action.detail = f"the {row.cloud} backend offers no revocation; revoked in provenance only"
+            action.detail = f"the {row.cloud} cloud offers no revocation; revoked in provenance only"
             return action
-        flag()
+        cloud.revoke_image(ImageRef(cloud=row.cloud, image_id=row.image_id, name=row.name, region=row.region),
+                           row.reason)  # fmt: skip
     except Exception as exc:
         action.outcome, action.detail = "failed", describe(exc)
         return action
     finally:
-        if callable(getattr(cloud, "close", None)):
+        if isinstance(cloud, HoldsConnection):
             cloud.close()
     action.outcome = "flagged"
     if row.region:
         action.detail = f"on {row.region}"
     return action
-
-
-def _revocation_call(cloud: Any, row: RevokedImage) -> Callable[[], None] | None:
-    """The backend's way to flag an image: revoke_image(ImageRef, reason), else the cloud's own verb
-    (Glance's deactivate_image(id), EC2's deprecate_image(id)); None when it has none."""
-    if cloud is None:
-        return None
-    revoke_image = getattr(cloud, "revoke_image", None)
-    if callable(revoke_image):
-        ref = ImageRef(cloud=row.cloud, image_id=row.image_id, name=row.name, region=row.region)
-        return lambda: revoke_image(ref, row.reason)
-    for verb in ("deactivate_image", "deprecate_image"):
-        method = getattr(cloud, verb, None)
-        if callable(method):
-            return lambda method=method: method(row.image_id)
-    return None
 
 
 def flag_catalog_entry(row: RevokedImage) -> None:
@@ -133,38 +117,16 @@ def flag_catalog_entry(row: RevokedImage) -> None:
 
 def _is_cloud_object(row: RevokedImage) -> bool:
     """A cloud image id (AMI, Glance uuid, img-…), not a file path or a file form like img-….raw."""
-    if row.cloud == "local":
-        return row.image_id.startswith("img-") and "." not in row.image_id
-    return not row.image_id.startswith("/")
+    return registry.backend(row.cloud).is_image_id(row.image_id)
 
 
-def _open_cloud_of(row: RevokedImage) -> Any:
-    """The backend that holds the image. An OpenStack image lives on the clouds.yaml entry its row's region
-    names — a Glance copy published from a local build is not on the build's target; any other image is on
-    its build's recipe target (opened with the target's name, which an OpenStack target without os_cloud uses
-    as its entry), else a local image on the default local cloud."""
-    target, target_name = _build_target(row)
-    if row.cloud == "openstack":
-        from clouds.openstack import OpenStackCloud
-
-        if target is not None and target.cloud == "openstack" and target.effective_os_cloud(target_name) == row.region:
-            return open_cloud(target, target_name=target_name)  # the target's own settings (flavor, share_with…)
-        return OpenStackCloud(row.region)
-    if target is not None and target.cloud == row.cloud:
-        return open_cloud(target, target_name=target_name)
-    if row.cloud == "local":
-        from clouds.local import LocalCloud
-
-        return LocalCloud()
-    return None
-
-
-def _build_target(row: RevokedImage) -> tuple[Any, str]:
-    """The recipe target (and its name) of the build that made the image; (None, "") when there is none."""
+def _open_cloud_of(row: RevokedImage) -> Cloud | None:
+    """The cloud that holds the image: its build's recipe target when that reaches the image's place (a Glance
+    copy published from a local build is on the clouds.yaml entry its row names, not on the build's target), else
+    the cloud at that place alone."""
     build = lineage.get_build(row.build_id) if row.build_id else None
-    if build is None:
-        return None, ""
-    spec = json.loads(build.recipe.recipe_json).get("targets", {}).get(build.build.target)
-    if spec is None:
-        return None, ""
-    return recorded_target(spec), build.build.target
+    target, target_name = None, ""
+    if build is not None:
+        target = json.loads(build.recipe.recipe_json or "{}").get("targets", {}).get(build.build.target)
+        target_name = build.build.target
+    return registry.reopen(row.cloud, target=target, target_name=target_name, region=row.region)

@@ -1,7 +1,7 @@
 """The image audit after snapshot: the build key in no authorized_keys, no SSH host keys, an empty machine-id,
 no cloud-init instance state, no shell history. A finding fails the build.
 
-Local images are audited offline, their disk mounted read-only (tasks.audit.mounted_read_only), before anything
+Local images are audited offline, their disk mounted read-only (operations.audit.mounted_read_only), before anything
 boots them. On clouds the audit runs on the verify guest over SSH; there first boot has already made new host
 keys, a new machine-id and new cloud-init state, so those are checked against the build guest: different host
 key, different machine-id, the verify instance's state the only one cloud-init holds.
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.audit import mounted_read_only
+from operations.audit import mounted_read_only
 
 # Check name -> the sanitize operation that makes it pass; a recipe that disables the operation is not audited
 # for it (it asked to keep that state). The build key is always audited.

@@ -1,36 +1,40 @@
 """Publish a locally built image to another cloud (OpenStack Glance, EC2) and record it as the same bits.
 
 EGI's way: build once on the local cloud, then upload the very same file to every cloud, so the image on
-each cloud is provably one file. The file is checked against its recorded sha256 before the upload (and on
-OpenStack, Glance's own checksum and multihash against the file after it); the published row's parent is the
-local image and its sha256 is the local file's. On EC2 the disk travels as raw through S3 and VM Import
-(import_snapshot, register_image); the S3 object and the import task are ledgered under the image's build
-before each call, so a killed publish leaves nothing `kiln gc` cannot find."""
+each cloud is provably one file. The file is checked against its recorded sha256 before the upload, and the
+digests of what the cloud was given against it after (on OpenStack Glance also checks its own checksum and
+multihash against the file); the published row's parent is the local image and its sha256 is the local file's.
+Whatever the cloud creates on the way (the image, EC2's S3 object and import task) is ledgered under the image's
+build before each call, so a killed publish leaves nothing `kiln gc` cannot find. Any cloud with the
+PublishesImages capability takes a publication."""
 
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clouds import qemu
-from clouds.base import TAG_ROLE, ImageRef
-from clouds.ec2 import EC2Cloud, publish_disk
-from clouds.openstack import FileDigests, OpenStackCloud
-from kiln import settings
+from clouds import open_cloud, registry
+from clouds.base import TAG_ROLE, Cloud, CloudError, HoldsConnection, ImageRef, PublishesImages
+from core.digests import sha256_file
+from core.recipe import load_recipe
 from provenance import lineage, store
+from provenance.redact import describe
 
 log = logging.getLogger("kiln.publish")
 PUBLISHABLE_FORMATS = ("qcow2", "raw")
 
 
 class PublishRefused(ValueError):
-    """The image cannot be published as asked (unknown, revoked, missing file, bits changed): nothing uploaded."""
+    """The image cannot be published as asked (unknown, revoked, missing file, bits changed, a cloud or option that
+    takes no publication): nothing uploaded."""
+
+
+class PublishFailed(RuntimeError):
+    """The cloud refused or failed the publication; whatever it had made of it is gone again."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,35 @@ class Publication:
         return asdict(self)
 
 
+def destination(
+    to: str, *, recipe_path: str | None = None, share: list[str] = (), region: str | None = None,
+    endpoint_url: str | None = None, profile: str | None = None,
+) -> PublishesImages:  # fmt: skip
+    """The cloud `kiln publish --to TO` means: a target of the recipe (its cloud settings), else a cloud kind or a
+    named place (a clouds.yaml entry) with the command's options; shared with its share_with and `share`.
+    PublishRefused when that cloud takes no publication; RecipeError for a bad recipe."""
+    if recipe_path is None:
+        try:
+            cloud: Cloud = registry.open_destination(to, region=region, endpoint_url=endpoint_url, profile=profile)
+        except ValueError as exc:
+            raise PublishRefused(str(exc)) from None
+    else:
+        recipe = load_recipe(recipe_path)
+        target = recipe.targets.get(to)
+        if target is None:
+            raise PublishRefused(f"{recipe_path}: targets.{to}: no such target (have: {', '.join(recipe.targets)})")
+        cloud = open_cloud(target, recipe.timeouts, target_name=to)
+    if not isinstance(cloud, PublishesImages):
+        where = f"{recipe_path}: targets.{to}: " if recipe_path else ""
+        raise PublishRefused(f"{where}the {cloud.name} cloud takes no published image")
+    cloud.share_with = list(dict.fromkeys([*cloud.share_with, *share]))
+    return cloud
+
+
 def local_image_row(image_id: str):  # noqa: ANN201 - a provenance.models.Image row
-    """The provenance row of a local image kiln built (its primary file), or PublishRefused."""
-    rows = [s.image for s in lineage.find_image(image_id) if s.image.cloud == "local" and s.image.image_id == image_id]
+    """The provenance row of an image kiln built whose disk file is on this host (its primary file), or
+    PublishRefused."""
+    rows = [s.image for s in lineage.find_image(image_id) if s.image.image_id == image_id and s.image.path]
     if not rows:
         raise PublishRefused(f"{image_id}: no local image with this id in the provenance database (see `kiln images`)")
     row = rows[0]
@@ -64,26 +94,34 @@ def local_image_row(image_id: str):  # noqa: ANN201 - a provenance.models.Image 
     if row.format not in PUBLISHABLE_FORMATS:
         formats = " or ".join(PUBLISHABLE_FORMATS)
         raise PublishRefused(f"{image_id} is a {row.format or 'cloud'} image; kiln publishes {formats} files")
-    if not row.path or not Path(row.path).is_file():
+    if not Path(row.path).is_file():
         raise PublishRefused(f"{image_id}: its file {row.path or '(none recorded)'} is gone")
     return row
 
 
 def publish_image(
     image_id: str,
-    cloud: OpenStackCloud,
+    cloud: PublishesImages,
     *,
     name: str | None = None,
+    bucket: str | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> Publication:
-    """Upload local image `image_id` to `cloud`'s Glance (sharing with cloud.share_with) and record the row."""
+    """Publish local image `image_id` to `cloud` (shared with cloud.share_with) and record the row."""
     row = local_image_row(image_id)
+    if problem := cloud.publish_problem(bucket=bucket):
+        raise PublishRefused(problem)
     path = Path(row.path)
     _check_bits(image_id, row, path, progress)
     tags = {**json.loads(row.tags_json or "{}"), TAG_ROLE: "published"}
     published_name = name or row.name or image_id
-    ref, uploaded = cloud.publish(path, published_name, tags=tags, properties={"kiln_source_image": image_id},
-                                  disk_format=row.format, progress=progress)
+    failures = (CloudError, *registry.cloud_errors(cloud.name))
+    try:
+        ref, uploaded = cloud.publish(path, published_name, tags=tags, properties={"kiln_source_image": image_id},
+                                      disk_format=row.format, progress=progress, bucket=bucket,
+                                      ledger=_BuildLedger(row.build_id, cloud))  # fmt: skip
+    except failures as exc:
+        raise PublishFailed(describe(exc)) from exc
     if uploaded.sha256 != row.sha256:  # the file changed between the check and the upload
         cloud.delete_image(ref)
         raise PublishRefused(f"{image_id}: {path} changed during the upload; nothing published")
@@ -91,40 +129,11 @@ def publish_image(
                    progress)  # fmt: skip
 
 
-def publish_image_to_ec2(
-    image_id: str,
-    cloud: EC2Cloud,
-    *,
-    bucket: str,
-    name: str | None = None,
-    progress: Callable[[str], None] = log.info,
-) -> Publication:
-    """Local image `image_id` as an AMI in cloud.region (S3 upload, VM Import, register_image), shared with
-    cloud.share_with, recorded as a published sibling whose parent is the local row."""
-    row = local_image_row(image_id)
-    path = Path(row.path)
-    _check_bits(image_id, row, path, progress)
-    tags = {**json.loads(row.tags_json or "{}"), TAG_ROLE: "published"}
-    published_name = name or row.name or image_id
-    with _as_raw(path, row.format, progress) as raw:
-        if row.format != "raw" and FileDigests.of(path).sha256 != row.sha256:
-            raise PublishRefused(f"{image_id}: {path} changed while it was converted; nothing published")
-        ref = publish_disk(cloud, raw, bucket=bucket, name=published_name, tags=tags, progress=progress,
-                           ledger=_BuildLedger(row.build_id, cloud), timeout=cloud.image_timeout)  # fmt: skip
-    try:
-        cloud.share_image(ref, list(cloud.share_with))
-    except BaseException:
-        cloud.delete_image(ref)
-        raise
-    return _record(row, ref, published_name, tags, path.stat().st_size, cloud.delete_image, list(cloud.share_with),
-                   progress)  # fmt: skip
-
-
 def _check_bits(image_id: str, row: Any, path: Path, progress: Callable[[str], None]) -> None:
     progress(f"checking {path} against its recorded sha256")
-    digests = FileDigests.of(path)
-    if digests.sha256 != row.sha256:
-        raise PublishRefused(f"{image_id}: {path} has sha256 {digests.sha256}, not the recorded {row.sha256}; "
+    digest = sha256_file(path)
+    if digest != row.sha256:
+        raise PublishRefused(f"{image_id}: {path} has sha256 {digest}, not the recorded {row.sha256}; "
                              "the file changed since kiln built it")
 
 
@@ -171,24 +180,16 @@ def _record(
     )
 
 
-@contextmanager
-def _as_raw(path: Path, fmt: str, progress: Callable[[str], None]) -> Iterator[Path]:
-    """The disk as a raw file (VM Import takes RAW, VMDK or VHD): the file itself, or a temporary conversion."""
-    if fmt == "raw":
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="kiln-publish-", dir=settings.cache_dir()) as tmp:
-        raw = Path(tmp) / f"{path.stem}.raw"
-        progress(f"converting {path.name} ({fmt}) to raw for VM Import")
-        qemu.run([qemu.QEMU_IMG, "convert", "-O", "raw", str(path), str(raw)], what="qemu-img convert to raw",
-                 timeout=3600)  # fmt: skip
-        yield raw
+def done_with(cloud: Cloud) -> None:
+    """Close what the cloud holds open (OpenStack's connection)."""
+    if isinstance(cloud, HoldsConnection):
+        cloud.close()
 
 
 class _BuildLedger:
-    """publish_disk's ledger: rows under the local image's build, released as publish_disk releases them."""
+    """The publication's ledger: rows under the local image's build, released as the cloud releases them."""
 
-    def __init__(self, build_id: str | None, cloud: EC2Cloud) -> None:
+    def __init__(self, build_id: str | None, cloud: Cloud) -> None:
         self.build_id, self.cloud = build_id, cloud
 
     def intent(self, kind: str, name: str) -> int | None:
