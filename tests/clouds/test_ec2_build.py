@@ -19,7 +19,7 @@ from clouds.base import TAG_BUILD, TAG_ROLE, ImageRef
 from clouds.ec2 import EC2Cloud
 from provenance import lineage, store
 from tests.clouds.moto_guests import HOME, OTHER, SSM_AL2023, MotoGuests, aws_environment, write_recipe
-from tests.flows.conftest import prefect_api, run_kiln  # noqa: F401 - fixture
+from tests.flows.conftest import run_kiln
 
 pytestmark = pytest.mark.vm
 

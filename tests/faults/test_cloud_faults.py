@@ -32,10 +32,10 @@ from flows import limits
 from flows.stages import STAGE_NAMES as STAGES
 from provenance import lineage, store
 from tests.clouds.conftest import bootstrap_base, cloud  # noqa: F401 - fixtures
-from tests.clouds.moto_ec2 import SSM_AL2023, moto_server  # noqa: F401 - fixture
+from tests.clouds.moto_ec2 import SSM_AL2023
 from tests.clouds.openstack_fake import FakeOpenStack, served
 from tests.faults.test_faults import KILL_POINT, KILLED, RESULTS, assert_reaped, kiln_build_with_fault, kiln_gc
-from tests.flows.conftest import committed_recipe, prefect_api  # noqa: F401 - fixture
+from tests.flows.conftest import committed_recipe
 from tests.openstack_server import OpenStackServers, admin_connection, in_catalog
 from tests.shared_guest import ENV, booted
 

@@ -17,7 +17,7 @@ import os
 from clouds.base import TAG_BUILD, KeyPair
 from clouds.ec2 import EC2Cloud
 from provenance import lineage, store
-from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
+from tests.clouds.moto_ec2 import SSM_AL2023
 from tests.flows.conftest import committed_recipe
 from tests.secret_scan import key_needles, scan_database
 
