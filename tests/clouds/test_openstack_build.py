@@ -1,4 +1,5 @@
-"""The whole build_image flow on an OpenStack target, and the EGI path: a local build published to Glance.
+"""The whole build_image flow on an OpenStack target (the EGI path, a local build published to Glance, is
+tests/flows/test_publish_glance.py: it publishes the session's local build).
 
 Keystone and Glance are real (tests.openstack_server). Nova and Neutron are the in-memory fake of
 tests.clouds.openstack_fake behind requests-mock, registered in the real Keystone's catalog; its servers are
@@ -9,9 +10,6 @@ Marked vm: each build boots two guests, one at a time."""
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,6 @@ import requests_mock
 from clouds.base import BaseImage, Instance, KeyPair
 from clouds.local import LocalCloud
 from clouds.openstack import OpenStackCloud
-from core import settings
 from provenance import lineage, store
 from tests.clouds.openstack_fake import FakeOpenStack, FakeServer, user_data_of
 from tests.conftest import REPO
@@ -193,40 +190,4 @@ def test_build_image_on_openstack_snapshots_to_glance_verifies_and_leaves_nothin
     assert [m for m, p in fake.calls if p.startswith("compute:") and m == "POST" and p.endswith("/servers")] == [
         "POST", "POST"]  # the build server and the verify server
     conn.image.delete_image(image_id)
-    conn.close()
-
-
-def test_a_local_build_published_to_glance_is_the_same_bits(
-    tmp_path: Path, prefect_api: str, openstack_test_servers: OpenStackServers,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from flows.build import build_image
-
-    recipe = recipe_file(tmp_path, "unused-here", openstack_test_servers.partner_project_id)
-    local = build_image(str(recipe), "local")
-    assert local["status"] == "succeeded", local
-    [built] = [s.image for s in lineage.find_image(local["image_id"]) if s.image.kind == "built"]
-
-    env = {**os.environ, "OS_CLIENT_CONFIG_FILE": str(openstack_test_servers.clouds_yaml)}
-    published = subprocess.run([str(KILN), "publish", local["image_id"], "--to", "sierra", "--recipe", str(recipe),
-                                "--json"], capture_output=True, text=True, env=env, timeout=900)
-    assert published.returncode == 0, published.stdout + published.stderr
-    publication = json.loads(published.stdout)
-
-    conn = admin_connection(openstack_test_servers)
-    image = conn.image.get_image(publication["image_id"])
-    assert image.status == "active"
-    assert image.properties["kiln_build_id"] == local["build_id"]
-    assert image.properties["kiln_recipe"] == "hello-openstack"
-    assert image.properties["kiln_sha256"] == built.sha256
-    assert image.hash_value == hashlib.sha512(Path(built.path).read_bytes()).hexdigest()
-    assert image.visibility == "shared"
-    assert [m.member_id for m in conn.image.members(image)] == [openstack_test_servers.partner_project_id]
-    [row] = [s.image for s in lineage.find_image(publication["image_id"])]
-    assert (row.kind, row.cloud, row.region) == ("published", "openstack", "kiln-test")
-    assert row.parent_id == built.id and row.sha256 == built.sha256 and row.build_id == local["build_id"]
-    assert row.id in {s.image.id for s in lineage.find_image(built.sha256)}  # one digest finds both
-    assert store.open_resources(local["build_id"]) == []
-    assert list(settings.state_dir().iterdir()) == []
-    conn.image.delete_image(publication["image_id"])
     conn.close()
