@@ -86,7 +86,8 @@ def _row(flow_run: str, deployment: str | None, summary) -> Running:  # noqa: AN
     build = summary.build
     worker = json.loads(build.parameters_json or "{}").get("worker")
     return Running(flow_run, deployment, worker, build.host, build.pid, build.id, summary.recipe.name,
-                   build.target, build.cloud + (f" {build.region}" if build.region else ""), build.stage,
+                   build.target, build.cloud + (f" {build.region}" if build.region else ""),
+                   f"paused before {build.paused_before}" if build.paused_before else build.stage,
                    _iso(build.started))
 
 

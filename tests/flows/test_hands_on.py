@@ -1,0 +1,196 @@
+"""Hands on the build (issue 22), on the local cloud in build containers: a paused build someone changes through
+`kiln shell`, resumed by `kiln resume`, is marked interactive everywhere provenance speaks; `--on-error ask` in a
+real terminal (a pseudo-terminal) retries a fixed script, keeps everything on abort, releases everything on
+cleanup; a pause nobody resumes gives up and leaves nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from core import settings
+from provenance import attest, lineage, store
+from tests.conftest import REPO
+from tests.flows.conftest import KILN, committed_recipe, run_kiln, with_build_in
+from tests.flows.test_build_local import assert_nothing_left, container_traces
+
+pytestmark = pytest.mark.vm  # the paused build's verify boots its image
+
+BY_HAND = "changed by hand"
+HELLO = with_build_in((REPO / "recipes/hello.yaml").read_text(), "container")
+HELLO_SCRIPT = (REPO / "recipes/scripts/hello.sh").read_text()
+FAILING = "#!/bin/sh\necho 'step one is not written yet' >&2\nexit 3\n"
+FIXED = "#!/bin/sh\necho fixed > /etc/kiln-fixed\n"
+
+
+def hand_recipe(tmp_path: Path) -> Path:
+    """hello, whose verify also proves the image holds a file only a person can have written (kiln shell)."""
+    probe = f"  - command: {{run: cat /etc/kiln-by-hand, expect: {BY_HAND}}}\n"
+    return committed_recipe(tmp_path, HELLO + probe, {"scripts/hello.sh": HELLO_SCRIPT})
+
+
+def failing_recipe(tmp_path: Path) -> Path:
+    """A container build whose one script fails until someone fixes it."""
+    recipe = HELLO.replace("  - scripts/hello.sh\n", "  - scripts/step.sh\n")
+    return committed_recipe(tmp_path, recipe, {"scripts/step.sh": FAILING})
+
+
+def paused_build(timeout: float = 300) -> str:
+    """The id of the build that pauses (the only running one of this test)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        paused = [s.build.id for s in lineage.list_builds(status="running") if s.build.paused_before]
+        if paused:
+            return paused[0]
+        time.sleep(1)
+    raise AssertionError("no build paused")
+
+
+def test_bad_pause_requests_fail_before_anything_launches(tmp_path) -> None:
+    recipe = hand_recipe(tmp_path)
+    for args, field in ((["--pause-before", "verify"], "--pause-before"),
+                        (["--pause-before", "--require-clean"], "--pause-before"),
+                        (["--pause-before", "--pause-timeout", "soon"], "--pause-timeout")):  # fmt: skip
+        result = run_kiln("build", str(recipe), *args)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and field in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert lineage.list_builds(recipe="hello", status="running") == []
+
+
+def test_a_paused_build_changed_through_kiln_shell_is_resumed_and_marked_interactive(tmp_path, prefect_api) -> None:
+    key = tmp_path / "keys" / "kiln.key"
+    attest.generate_key(key)
+    recipe = hand_recipe(tmp_path)
+    build = subprocess.Popen([str(KILN), "build", str(recipe), "--target", "local", "--pause-before", "--json"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=os.environ | {attest.KEY_ENV: str(key)})  # fmt: skip
+    try:
+        build_id = paused_build()
+        status = json.loads(run_kiln("status", "--json").stdout)
+        assert [row["stage"] for row in status if row["build_id"] == build_id] == ["paused before sanitize"]
+        assert re.search(r"kiln-vms-local\s+\d+\s+\d+\s+1\s", run_kiln("limits", "list").stdout)
+
+        shell = run_kiln("shell", build_id, "-c", f"echo {BY_HAND} > /etc/kiln-by-hand && cat /etc/kiln-by-hand")
+        assert shell.returncode == 0, shell.stderr
+        assert BY_HAND in shell.stdout
+        assert run_kiln("resume", build_id).returncode == 0
+        out, err = build.communicate(timeout=900)
+    finally:
+        if build.poll() is None:
+            build.terminate()
+            build.wait(timeout=120)
+    assert build.returncode == 0, out + err
+    [outcome] = json.loads(out)  # its verify probe read the file from the image, booted as a VM
+
+    shown = run_kiln("show", build_id)
+    assert "interactive" in shown.stdout and "not reproducible from its recipe alone" in shown.stdout
+    assert f"$ echo {BY_HAND} > /etc/kiln-by-hand" in shown.stdout and f"\n{BY_HAND}\n" in shown.stdout
+    detail = json.loads(run_kiln("show", build_id, "--json").stdout)
+    assert detail["interactive"] is True and detail["paused_before"] is None
+    assert [step["stage"] for step in detail["steps"]].count("shell") == 1
+    found = json.loads(run_kiln("lineage", outcome["image_id"], "--format", "json").stdout)
+    assert found["build"]["interactive"] is True and found["build"]["reproducible_from_recipe"] is False
+    image = lineage.resolve_image(outcome["image_id"])
+    envelope = json.loads((Path(image.path).parent / f"{image.image_id}.intoto.json").read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    internal = statement["predicate"]["buildDefinition"]["internalParameters"]
+    assert internal["interactive"] is True and internal["reproducibleFromRecipe"] is False
+    assert any(b["name"] == "shell-session:1" for b in statement["predicate"]["runDetails"]["byproducts"])
+    assert not (settings.data_dir() / "shell" / build_id).exists()
+    assert_nothing_left(build_id)
+
+
+class Terminal:
+    """`kiln build` on a pseudo-terminal: what a person sees, and what they type."""
+
+    def __init__(self, *args: str) -> None:
+        self.master, slave = pty.openpty()
+        self.process = subprocess.Popen([str(KILN), *args], stdin=slave, stdout=slave, stderr=slave,
+                                        env=os.environ | {"COLUMNS": "200", "TERM": "xterm"}, start_new_session=True)
+        os.close(slave)
+        self.seen = ""
+
+    def expect(self, pattern: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.seen):
+            ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {pattern!r} on the terminal; it shows:\n{self.seen[-3000:]}")
+            try:
+                self.seen += os.read(self.master, 65536).decode(errors="replace")
+            except OSError:  # the process ended
+                raise AssertionError(f"no {pattern!r} before kiln ended:\n{self.seen[-3000:]}") from None
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def finish(self, timeout: float = 300) -> int:
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.master], [], [], 1)
+            if ready:
+                try:
+                    self.seen += os.read(self.master, 65536).decode(errors="replace")
+                except OSError:
+                    break
+        code = self.process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        os.close(self.master)
+        return code
+
+
+QUESTION = r"what now \[retry/abort/cleanup\]"
+
+
+def test_ask_retries_the_fixed_script_and_a_pause_nobody_resumes_gives_up_leaving_nothing(tmp_path, prefect_api):
+    recipe = failing_recipe(tmp_path)
+    terminal = Terminal("build", str(recipe), "--on-error", "ask", "--pause-before", "--pause-timeout", "5")
+    terminal.expect(QUESTION)
+    assert "step one is not written yet" in terminal.seen
+    (recipe.parent / "scripts/step.sh").write_text(FIXED)  # the person fixes the script, then says retry
+    terminal.type("retry\n")
+    terminal.expect(r"paused before sanitize")
+    assert terminal.finish() == 1, terminal.seen
+    [summary] = lineage.list_builds(recipe="hello", limit=1)
+    detail = lineage.get_build(summary.build.id)
+    customize = [step.status for step in detail.steps if step.stage == "customize"]
+    assert customize == ["failed", "succeeded"], "the retried script succeeded"
+    assert detail.recipe.dirty, "the build is recorded as made from the fixed (uncommitted) recipe"
+    assert detail.build.status == "failed" and "nobody resumed it" in detail.build.error
+    assert not detail.build.interactive
+    assert_nothing_left(summary.build.id)
+
+
+def test_ask_abort_keeps_the_container_and_says_how_to_reach_it(tmp_path, prefect_api):
+    terminal = Terminal("build", str(failing_recipe(tmp_path)), "--on-error", "ask")
+    terminal.expect(QUESTION)
+    terminal.type("abort\n")
+    assert terminal.finish() == 1, terminal.seen
+    [summary] = lineage.list_builds(recipe="hello", limit=1)
+    build_id = summary.build.id
+    assert re.search(r"nsenter --target \d+ --all", terminal.seen), terminal.seen
+    assert f"kiln cleanup {build_id}" in terminal.seen
+    assert "instance" in [row.kind for row in store.open_resources(build_id)]
+    assert container_traces() != [], "the container is kept, running"
+    cleanup = run_kiln("cleanup", build_id)
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert_nothing_left(build_id)
+
+
+def test_ask_cleanup_leaves_nothing(tmp_path, prefect_api):
+    terminal = Terminal("build", str(failing_recipe(tmp_path)), "--on-error", "ask")
+    terminal.expect(QUESTION)
+    terminal.type("cleanup\n")
+    assert terminal.finish() == 1, terminal.seen
+    [summary] = lineage.list_builds(recipe="hello", limit=1)
+    assert summary.build.status == "failed"
+    assert_nothing_left(summary.build.id)
