@@ -249,10 +249,10 @@ def clean_transcript(raw: bytes) -> str:
     """A terminal session as text: escape sequences dropped, CR-LF as LF, a line erased by backspaces as typed,
     then redacted (private keys, cloud secrets)."""
     text = _ANSI.sub("", raw.decode(errors="replace")).replace("\r", "")
-    while "\b" in text:
-        text, count = re.subn(r"[^\b\n]\b", "", text)
+    while "\x08" in text:
+        text, count = re.subn("[^\x08\n]\x08", "", text)
         if not count:
-            text = text.replace("\b", "")
+            text = text.replace("\x08", "")
     text = "".join(ch for ch in text if ch in "\n\t" or ch >= " ")
     if text and not text.endswith("\n"):
         text += "\n"

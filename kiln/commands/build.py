@@ -87,9 +87,9 @@ class LiveStages:
                 self.console.print("  retry: run the stage again (fix the recipe's script first: it is read again)\n"
                                    "  abort: keep everything as it is and say how to reach it\n"
                                    "  cleanup: release everything", highlight=False)
-                return Prompt.ask(f"[{plan.target_name}] what now", choices=list(choices), default="cleanup",
+                return Prompt.ask(Text(f"[{plan.target_name}] what now"), choices=list(choices), default="cleanup",
                                   console=self.console)
-            except EOFError:
+            except (EOFError, OSError):  # the terminal went away: nobody to ask
                 return None
             finally:
                 if self.display is not None:
@@ -101,7 +101,10 @@ class LiveStages:
             return False
         try:
             ready, _, _ = select.select([sys.stdin], [], [], timeout)
-            return bool(ready) and sys.stdin.readline() is not None
+            return bool(ready) and sys.stdin.readline() != ""  # "": the terminal went away
+        except (OSError, ValueError):
+            self.interactive = False
+            return False
         finally:
             self.terminal.release()
 

@@ -6,11 +6,13 @@ cleanup; a pause nobody resumes gives up and leaves nothing."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -131,6 +133,22 @@ class Terminal:
             except OSError:  # the process ended
                 raise AssertionError(f"no {pattern!r} before kiln ended:\n{self.seen[-3000:]}") from None
 
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """A test that failed half-way: Ctrl-C (the build releases what it holds), then kill, then `kiln gc`."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+                run_kiln("gc")
+        with contextlib.suppress(OSError):
+            os.close(self.master)
+
     def type(self, text: str) -> None:
         os.write(self.master, text.encode())
 
@@ -143,23 +161,21 @@ class Terminal:
                     self.seen += os.read(self.master, 65536).decode(errors="replace")
                 except OSError:
                     break
-        code = self.process.wait(timeout=max(1.0, deadline - time.monotonic()))
-        os.close(self.master)
-        return code
+        return self.process.wait(timeout=max(1.0, deadline - time.monotonic()))
 
 
-QUESTION = r"what now \[retry/abort/cleanup\]"
+QUESTION = r"\[local\] what now.{0,20}\[retry/abort/cleanup\]"
 
 
 def test_ask_retries_the_fixed_script_and_a_pause_nobody_resumes_gives_up_leaving_nothing(tmp_path, prefect_api):
     recipe = failing_recipe(tmp_path)
-    terminal = Terminal("build", str(recipe), "--on-error", "ask", "--pause-before", "--pause-timeout", "5")
-    terminal.expect(QUESTION)
-    assert "step one is not written yet" in terminal.seen
-    (recipe.parent / "scripts/step.sh").write_text(FIXED)  # the person fixes the script, then says retry
-    terminal.type("retry\n")
-    terminal.expect(r"paused before sanitize")
-    assert terminal.finish() == 1, terminal.seen
+    with Terminal("build", str(recipe), "--on-error", "ask", "--pause-before", "--pause-timeout", "5") as terminal:
+        terminal.expect(QUESTION)
+        assert "step one is not written yet" in terminal.seen
+        (recipe.parent / "scripts/step.sh").write_text(FIXED)  # the person fixes the script, then says retry
+        terminal.type("retry\n")
+        terminal.expect(r"paused before sanitize")
+        assert terminal.finish() == 1, terminal.seen
     [summary] = lineage.list_builds(recipe="hello", limit=1)
     detail = lineage.get_build(summary.build.id)
     customize = [step.status for step in detail.steps if step.stage == "customize"]
@@ -171,10 +187,10 @@ def test_ask_retries_the_fixed_script_and_a_pause_nobody_resumes_gives_up_leavin
 
 
 def test_ask_abort_keeps_the_container_and_says_how_to_reach_it(tmp_path, prefect_api):
-    terminal = Terminal("build", str(failing_recipe(tmp_path)), "--on-error", "ask")
-    terminal.expect(QUESTION)
-    terminal.type("abort\n")
-    assert terminal.finish() == 1, terminal.seen
+    with Terminal("build", str(failing_recipe(tmp_path)), "--on-error", "ask") as terminal:
+        terminal.expect(QUESTION)
+        terminal.type("abort\n")
+        assert terminal.finish() == 1, terminal.seen
     [summary] = lineage.list_builds(recipe="hello", limit=1)
     build_id = summary.build.id
     assert re.search(r"nsenter --target \d+ --all", terminal.seen), terminal.seen
@@ -187,10 +203,67 @@ def test_ask_abort_keeps_the_container_and_says_how_to_reach_it(tmp_path, prefec
 
 
 def test_ask_cleanup_leaves_nothing(tmp_path, prefect_api):
-    terminal = Terminal("build", str(failing_recipe(tmp_path)), "--on-error", "ask")
-    terminal.expect(QUESTION)
-    terminal.type("cleanup\n")
-    assert terminal.finish() == 1, terminal.seen
+    with Terminal("build", str(failing_recipe(tmp_path)), "--on-error", "ask") as terminal:
+        terminal.expect(QUESTION)
+        terminal.type("cleanup\n")
+        assert terminal.finish() == 1, terminal.seen
     [summary] = lineage.list_builds(recipe="hello", limit=1)
     assert summary.build.status == "failed"
     assert_nothing_left(summary.build.id)
+
+
+def test_a_run_a_worker_started_pauses_the_prefect_way_and_goes_on_after_prefects_resume(prefect_api, monkeypatch):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+    from prefect.runtime import flow_run
+
+    from flows.pause import end_prefect_pause, pause_in_prefect
+
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "set-by-a-worker")
+
+    def paused_state(run_id: str) -> bool:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+        return state is not None and state.is_paused()
+
+    def until(condition, timeout: float = 60) -> bool:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return condition()
+
+    @flow(name="kiln-pause-probe")
+    def pauses_twice() -> list[str]:
+        run_id = flow_run.id
+        resumed = pause_in_prefect(120)
+        assert resumed is not None and until(lambda: paused_state(run_id)), "the UI shows the run paused"
+        resume_flow_run(run_id)  # what the UI's Resume does
+        outcomes = ["resumed in the UI" if resumed.wait(30) else "still waiting"]
+        again = pause_in_prefect(120)
+        assert again is not None and until(lambda: paused_state(run_id))
+        end_prefect_pause(run_id)  # `kiln resume` (or Enter) ended kiln's pause: Prefect's ends with it
+        outcomes.append("running again" if until(lambda: not paused_state(run_id)) else "still paused")
+        return outcomes
+
+    assert pauses_twice() == ["resumed in the UI", "running again"]
+
+
+def test_transcripts_are_text_without_terminal_codes_and_without_secrets() -> None:
+    from flows.pause import clean_transcript
+
+    raw = (b"\x1b[?2004hroot@box:/# ls\x08\x08cat /etc/x\r\n\x1b[?2004l\rhello\r\n"
+           b"aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\r\n")
+    text = clean_transcript(raw)
+    assert text.startswith("root@box:/# cat /etc/x\nhello\n")
+    assert "wJalrXUtnFEMI" not in text and "\x1b" not in text
+
+
+def test_pause_before_alone_means_sanitize() -> None:
+    from kiln.commands.build import with_default_pause
+
+    assert with_default_pause(["build", "r.yaml", "--pause-before"]) == ["build", "r.yaml", "--pause-before",
+                                                                          "sanitize"]
+    assert with_default_pause(["build", "--pause-before", "r.yaml"])[:3] == ["build", "--pause-before", "sanitize"]
+    assert with_default_pause(["build", "r.yaml", "--pause-before", "--json"])[3] == "sanitize"
+    assert with_default_pause(["build", "r.yaml", "--pause-before", "customize"])[3] == "customize"
