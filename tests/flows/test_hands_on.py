@@ -202,8 +202,13 @@ def test_ask_abort_keeps_the_container_and_says_how_to_reach_it(tmp_path, prefec
     assert_nothing_left(build_id)
 
 
-def test_ask_cleanup_leaves_nothing(tmp_path, prefect_api):
-    with Terminal("build", str(failing_recipe(tmp_path)), "--on-error", "ask") as terminal:
+def test_enter_resumes_a_pause_before_customize_and_ask_cleanup_leaves_nothing(tmp_path, prefect_api):
+    args = ("--on-error", "ask", "--pause-before", "customize")
+    with Terminal("build", str(failing_recipe(tmp_path)), *args) as terminal:
+        terminal.expect(r"paused before customize")
+        terminal.type("\n")  # Enter goes on
+        terminal.expect(r"resumed by Enter")
+        terminal.expect(r"layer cache: off \(the build was paused before customize")
         terminal.expect(QUESTION)
         terminal.type("cleanup\n")
         assert terminal.finish() == 1, terminal.seen
