@@ -44,7 +44,8 @@ def running() -> list[Running]:
     seen_builds: set[str] = set()
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+            # PAUSED: a worker's run paused for hands on its build machine still holds it (and its VM slot)
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PAUSED])),
             tags=FlowRunFilterTags(all_=["kiln"]),
         ))  # fmt: skip
         deployments: dict[str, str] = {}

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from core import settings
+from flows.audit import audit_subject, interactive_warning
 from provenance import attest, lineage, store
 from tests.conftest import REPO
 from tests.flows.conftest import KILN, committed_recipe, run_kiln, with_build_in
@@ -108,6 +109,7 @@ def test_a_paused_build_changed_through_kiln_shell_is_resumed_and_marked_interac
     internal = statement["predicate"]["buildDefinition"]["internalParameters"]
     assert internal["interactive"] is True and internal["reproducibleFromRecipe"] is False
     assert any(b["name"] == "shell-session:1" for b in statement["predicate"]["runDetails"]["byproducts"])
+    assert "not reproducible from its recipe alone" in interactive_warning(audit_subject(outcome["image_id"]))
     assert not (settings.data_dir() / "shell" / build_id).exists()
     assert_nothing_left(build_id)
 
