@@ -26,8 +26,6 @@ from tests.conftest import REPO
 from tests.flows.conftest import KILN, committed_recipe, run_kiln, with_build_in
 from tests.flows.test_build_local import assert_nothing_left, container_traces
 
-pytestmark = pytest.mark.vm  # the paused build's verify boots its image
-
 BY_HAND = "changed by hand"
 HELLO = with_build_in((REPO / "recipes/hello.yaml").read_text(), "container")
 HELLO_SCRIPT = (REPO / "recipes/scripts/hello.sh").read_text()
@@ -70,6 +68,7 @@ def test_bad_pause_requests_fail_before_anything_launches(tmp_path) -> None:
     assert lineage.list_builds(recipe="hello", status="running") == []
 
 
+@pytest.mark.vm  # its verify boots the image, as a VM
 def test_a_paused_build_changed_through_kiln_shell_is_resumed_and_marked_interactive(tmp_path, prefect_api) -> None:
     key = tmp_path / "keys" / "kiln.key"
     attest.generate_key(key)
