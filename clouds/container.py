@@ -400,8 +400,9 @@ def release_disk(layout: Layout) -> None:
     for device in disk.loops_of(layout.disk):
         disk.detach_loop(device)
     # A device still held by another container's copy of this host's mounts (a container started while this one
-    # ran) is only marked to go: the kernel detaches it when that container ends. Wait a little, then leave it so.
-    deadline = time.monotonic() + 10
+    # ran: nspawn moves its root over the host's mounts rather than unmounting them) is only marked to go: the
+    # kernel detaches it when that container ends. Wait only for this container's own namespace to finish going.
+    deadline = time.monotonic() + 2
     while (left := disk.loops_of(layout.disk)) and time.monotonic() < deadline:
         time.sleep(0.1)
     for device in left:
@@ -439,7 +440,7 @@ def delete_network(layout: Layout) -> None:
 def processes(layout: Layout) -> list[int]:
     """Our processes of this container: nspawn and slirp4netns by their command lines, and every process whose
     root is on the container's loop device (what a killed nspawn leaves running, in its own mount namespace)."""
-    marker = str(layout.directory).encode()
+    markers = (str(layout.directory).encode(), str(layout.netns_path).encode())  # nspawn's; slirp4netns's
     devices = set()
     for loop in disk.loops_of(layout.disk):
         with contextlib.suppress(OSError):
@@ -451,7 +452,7 @@ def processes(layout: Layout) -> list[int]:
         try:
             args = (entry / "cmdline").read_bytes().split(b"\0")
             tool = os.path.basename(args[0].decode(errors="replace")) if args else ""
-            ours = tool in (NSPAWN, SLIRP) and any(marker in arg for arg in args)
+            ours = tool in (NSPAWN, SLIRP) and any(marker in arg for arg in args for marker in markers)
             if ours or (devices and os.stat(entry / "root").st_dev in devices):
                 found.append(int(entry.name))
         except OSError:

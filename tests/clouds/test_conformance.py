@@ -55,7 +55,7 @@ from core.digests import sha256_file
 from core.recipe import CLOUD_KINDS, BaseSpec, EC2Target, LocalTarget, OpenStackTarget, Timeouts
 from tasks.launch import Guest, user_data
 from tasks.snapshot import power_off_from_inside
-from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
+from tests.clouds.moto_ec2 import SSM_AL2023
 from tests.clouds.openstack_fake import FakeOpenStack, FakeServer
 from tests.openstack_server import OpenStackServers, admin_connection, in_catalog
 

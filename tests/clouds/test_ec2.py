@@ -26,7 +26,7 @@ from operations.publish import publish_image
 from provenance import gitinfo, lineage, store
 from tasks.common import BuildPlan, release_open
 from tasks.register import replicate
-from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
+from tests.clouds.moto_ec2 import SSM_AL2023
 from tests.conftest import REPO
 
 REGION, OTHER = "us-east-1", "eu-west-1"

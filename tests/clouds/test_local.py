@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from clouds import fetch, open_cloud, qemu, ssh
-from clouds.base import BaseImage, CloudError, HostKeyMismatch, ImageRef, Instance, KeyPair, Resource
+from clouds.base import BaseImage, CloudError, HostKeyMismatch, Instance, KeyPair, Resource
 from clouds.bootstrap import MBR_BIN, PARTITION_OFFSET
 from clouds.local import LocalCloud
 from clouds.ova import ovf_descriptor
@@ -550,38 +550,6 @@ def test_host_key_pinning_rejects_a_wrong_fingerprint_and_accepts_the_consoles(
         ssh.connect(host, port, "debian", build_guest.key, expected_host_keys=["SHA256:" + "x" * 43], timeout=30)
     with ssh.connect(host, port, "debian", build_guest.key, expected_host_keys=announced, timeout=30) as session:
         assert session.run("hostname", sudo=False, timeout=60).stdout.strip() == build_guest.instance.name
-
-
-@pytest.mark.vm
-def test_a_snapshot_boots_from_its_own_disk_and_keeps_the_file(
-    cloud: LocalCloud, build_guest: Guest, bootstrap_base: BaseImage, shared_instances: set[str]
-) -> None:
-    """Runs last in this module: it stops the shared build guest."""
-    build_guest.session.put(b"baked in\n", "/etc/kiln-baked.txt")
-    build_guest.session.run("sync", timeout=60)
-    build_guest.session.close()
-    stopped = cloud.stop(build_guest.instance, timeout=180)
-    assert stopped.forced is False, stopped
-    image = cloud.snapshot(build_guest.instance, "test-image", TAGS, ["vmdk", "ova"])
-    try:
-        assert sha256(Path(bootstrap_base.image_id).read_bytes()) == bootstrap_base.digest, "base unchanged"
-        formats = {f.format: Path(f.path) for f in image.files}
-        assert qemu.image_info(formats["qcow2"])["format"] == "qcow2"
-        assert "backing-filename" not in qemu.image_info(formats["qcow2"])
-        assert qemu.image_info(formats["vmdk"])["format"] == "vmdk"
-        assert_ova_is_well_formed(formats["ova"], tmp_dir=formats["qcow2"].parent)
-        base = cloud.resolve_base(Spec(image=image.image_id), "debian")
-        guest = boot(cloud, base, "verify", shared_instances)
-        try:
-            with guest.session:
-                assert guest.session.run("cat /etc/kiln-baked.txt", timeout=60).stdout == "baked in\n"
-                cmdline = Path(f"/proc/{guest.instance.details['pid']}/cmdline").read_bytes()
-                assert b"-kernel" not in cmdline
-                assert qemu.image_info(guest.instance.details["overlay"])["backing-filename"] == image.files[0].path
-        finally:
-            dispose(cloud, guest.instance, shared_instances)
-    finally:
-        cloud.delete_image(ImageRef("local", image.image_id, image.name))
 
 
 @pytest.mark.parametrize("compression", ["zstd", "zlib"])

@@ -26,7 +26,7 @@ from core import settings
 from provenance import lineage, store
 from tests.clouds.openstack_fake import FakeOpenStack, FakeServer, user_data_of
 from tests.conftest import REPO
-from tests.flows.conftest import committed_recipe, prefect_api  # noqa: F401 - the session Prefect server
+from tests.flows.conftest import committed_recipe
 from tests.openstack_server import OpenStackServers, admin_connection, in_catalog
 
 pytest_plugins = ["tests.clouds.openstack_fixtures"]

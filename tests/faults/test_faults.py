@@ -23,7 +23,7 @@ from clouds.local import LocalCloud
 from core import settings
 from provenance import lineage, store
 from tests.conftest import REPO
-from tests.flows.conftest import KILN, hello_recipe, prefect_api  # noqa: F401 - fixture
+from tests.flows.conftest import KILN, hello_recipe
 from tests.flows.test_build_local import container_traces
 from tests.secret_scan import key_needles, scan_database, scan_files, scan_image
 

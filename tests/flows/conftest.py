@@ -1,4 +1,5 @@
-"""Fixtures for flow tests: a Prefect server for the whole session, and recipes committed in throwaway git repos."""
+"""Fixtures for flow tests: recipes committed in throwaway git repos, and the session's shared real builds (the
+session's Prefect server, prefect_api, is in tests/conftest.py: one for every directory)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,28 +17,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.conftest import REPO
-from tests.prefect_server import prefect_server
 from tests.webhook import dead_url, webhook
 
 KILN = Path(sys.executable).with_name("kiln")
-
-
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real Prefect server for every flow test; in-process flows and `kiln` subprocesses both use it."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    with prefect_server(home) as api_url:
-        saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
-        os.environ.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))
-        from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}):
-            yield api_url
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def git(repo: Path, *args: str) -> str:

@@ -31,12 +31,30 @@ def qemu_processes() -> list[str]:
 
 
 def container_traces() -> list[str]:
-    """Loop devices, mounts and network namespaces of this session's kiln state (other kiln users may run theirs)."""
+    """Loop devices, mounts, network namespaces and nspawn or slirp4netns processes of this session's kiln state
+    (other kiln users may run theirs)."""
     state = str(settings.state_dir())
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines()
     namespaces = sorted(p.name for p in container.NETNS_DIR.glob("kiln-i-*")) if container.NETNS_DIR.exists() else []
     return [line for line in loops if state in line] + disk.mounts_under(settings.state_dir()) + [
-        ns for ns in namespaces if (settings.state_dir() / ns.removeprefix("kiln-")).exists()]
+        ns for ns in namespaces if (settings.state_dir() / ns.removeprefix("kiln-")).exists()] + daemons_of(state)
+
+
+def daemons_of(state: str) -> list[str]:
+    """systemd-nspawn and slirp4netns processes started for an instance under state: by their command line, or by
+    their output going to a file there (slirp4netns's log; its command line names only the network namespace)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            tool = os.path.basename(args[0].decode(errors="replace"))
+            if tool in (container.NSPAWN, container.SLIRP) and (
+                any(state.encode() in arg for arg in args) or os.readlink(entry / "fd/1").startswith(state)
+            ):
+                found.append(f"process {entry.name} {tool}")
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def assert_nothing_left(build_id: str) -> None:
@@ -128,6 +146,10 @@ def test_the_same_recipe_built_in_a_vm_holds_the_same_packages(hello_build: Hell
     logs = {s["stage"]: s["log"] for s in detail["steps"]}
     assert "SSH up, host key" in logs["wait_boot"] and "lighttpd answered during customize" in logs["customize"]
     assert "ssh-hostkeys: /etc/ssh/ssh_host_ed25519_key\n" in logs["sanitize"]  # cloud-init made them at boot
+    # The vm path's snapshot: the guest shut itself down, and its disk, booted on its own, served the change.
+    assert "guest powering off" in logs["snapshot"] and "(guest powered itself off)" in logs["snapshot"]
+    assert "SSH up, host key" in logs["verify"]
+    assert {p["name"]: p["passed"] for p in detail["probes"]}["http :80/index.html"] is True
     in_vm, in_container = (lineage.resolve_image(i) for i in (outcome["image_id"], hello_build.image_id))
     diff = compare_packages(lineage.packages_of(in_container.id), lineage.packages_of(in_vm.id))
     assert diff.identical, diff.to_dict()

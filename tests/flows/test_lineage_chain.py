@@ -19,7 +19,7 @@ from clouds.ec2 import EC2Cloud
 from core.recipe import BaseSpec
 from kiln.cli import app
 from provenance import lineage, store
-from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
+from tests.clouds.moto_ec2 import SSM_AL2023
 from tests.flows.conftest import HelloBuild, committed_recipe, run_kiln
 
 pytestmark = pytest.mark.vm

@@ -29,7 +29,7 @@ from tasks.common import BuildPlan
 from tasks.fetch_base import ResolvedBase
 from tasks.register import register
 from tasks.verify import ProbeOutcome, Verification
-from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
+from tests.clouds.moto_ec2 import SSM_AL2023
 from tests.clouds.test_ec2 import built_image
 from tests.conftest import REPO
 

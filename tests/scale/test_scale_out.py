@@ -25,7 +25,7 @@ from clouds.local import LocalCloud
 from flows.status import builds_of_run
 from provenance import lineage, store
 from tests.clouds.conftest import bootstrap_base, cloud, our_qemu_processes  # noqa: F401 - fixtures
-from tests.clouds.moto_ec2 import SSM_AL2023, moto, moto_server  # noqa: F401 - fixtures
+from tests.clouds.moto_ec2 import SSM_AL2023
 from tests.conftest import REPO
 from tests.flows.conftest import KILN, committed_recipe
 from tests.prefect_server import PREFECT, prefect_server, server_env, stop_group
