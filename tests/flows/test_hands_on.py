@@ -21,10 +21,11 @@ import pytest
 
 from core import settings
 from flows.audit import audit_subject, interactive_warning
+from operations.audit import compare_packages
 from provenance import attest, lineage, store
 from tests.conftest import REPO
-from tests.flows.conftest import KILN, committed_recipe, run_kiln, with_build_in
-from tests.flows.test_build_local import assert_nothing_left, container_traces
+from tests.flows.conftest import KILN, HelloBuild, committed_recipe, run_kiln, service_recipe, with_build_in
+from tests.flows.test_build_local import STAGES, assert_nothing_left, container_traces
 
 BY_HAND = "changed by hand"
 HELLO = with_build_in((REPO / "recipes/hello.yaml").read_text(), "container")
@@ -33,10 +34,13 @@ FAILING = "#!/bin/sh\necho 'step one is not written yet' >&2\nexit 3\n"
 FIXED = "#!/bin/sh\necho fixed > /etc/kiln-fixed\n"
 
 
+# A probe proving the image holds a file only a person can have written (kiln shell).
+BY_HAND_PROBE = f"  - command: {{run: cat /etc/kiln-by-hand, expect: {BY_HAND}}}\n"
+
+
 def hand_recipe(tmp_path: Path) -> Path:
-    """hello, whose verify also proves the image holds a file only a person can have written (kiln shell)."""
-    probe = f"  - command: {{run: cat /etc/kiln-by-hand, expect: {BY_HAND}}}\n"
-    return committed_recipe(tmp_path, HELLO + probe, {"scripts/hello.sh": HELLO_SCRIPT})
+    """hello, whose verify also reads the file written by hand."""
+    return committed_recipe(tmp_path, HELLO + BY_HAND_PROBE, {"scripts/hello.sh": HELLO_SCRIPT})
 
 
 def failing_recipe(tmp_path: Path) -> Path:
@@ -68,16 +72,23 @@ def test_bad_pause_requests_fail_before_anything_launches(tmp_path) -> None:
     assert lineage.list_builds(recipe="hello", status="running") == []
 
 
-@pytest.mark.vm  # its verify boots the image, as a VM
-def test_a_paused_build_changed_through_kiln_shell_is_resumed_and_marked_interactive(tmp_path, prefect_api) -> None:
+@pytest.mark.vm  # the suite's one vm-mode build: two TCG boots (the build guest, verify's)
+@pytest.mark.timeout(3600)
+def test_a_paused_build_changed_through_kiln_shell_is_resumed_and_marked_interactive(
+    hello_build: HelloBuild, tmp_path, prefect_api
+) -> None:
+    """The service recipe built in a VM (build_in: vm), paused before sanitize, changed over SSH by `kiln shell`
+    (the build key, the host key pinned at boot), resumed by `kiln resume`: the image holds the change (verify's
+    probe reads it in the VM boot of the image), the record says interactive everywhere, and its packages are
+    those of the same recipe built in a container (the session's build)."""
     key = tmp_path / "keys" / "kiln.key"
     attest.generate_key(key)
-    recipe = hand_recipe(tmp_path)
+    recipe = service_recipe(tmp_path, build_in="vm", more_verify=BY_HAND_PROBE)
     build = subprocess.Popen([str(KILN), "build", str(recipe), "--target", "local", "--pause-before", "--json"],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=os.environ | {attest.KEY_ENV: str(key)})  # fmt: skip
     try:
-        build_id = paused_build()
+        build_id = paused_build(timeout=1200)
         status = json.loads(run_kiln("status", "--json").stdout)
         assert [row["stage"] for row in status if row["build_id"] == build_id] == ["paused before sanitize"]
         assert re.search(r"kiln-vms-local\s+\d+\s+\d+\s+1\s", run_kiln("limits", "list").stdout)
@@ -85,8 +96,9 @@ def test_a_paused_build_changed_through_kiln_shell_is_resumed_and_marked_interac
         shell = run_kiln("shell", build_id, "-c", f"echo {BY_HAND} > /etc/kiln-by-hand && cat /etc/kiln-by-hand")
         assert shell.returncode == 0, shell.stderr
         assert BY_HAND in shell.stdout
+        assert (settings.data_dir() / "shell" / build_id).is_dir(), "the key and pinned host key, while paused"
         assert run_kiln("resume", build_id).returncode == 0
-        out, err = build.communicate(timeout=900)
+        out, err = build.communicate(timeout=1800)
     finally:
         if build.poll() is None:
             build.terminate()
@@ -100,6 +112,18 @@ def test_a_paused_build_changed_through_kiln_shell_is_resumed_and_marked_interac
     detail = json.loads(run_kiln("show", build_id, "--json").stdout)
     assert detail["interactive"] is True and detail["paused_before"] is None
     assert [step["stage"] for step in detail["steps"]].count("shell") == 1
+    assert [(s["stage"], s["status"]) for s in detail["steps"] if s["stage"] in STAGES] == [
+        (stage, "succeeded") for stage in STAGES]  # fmt: skip
+    assert detail["parameters"]["build_in"] == "vm"
+    logs = {s["stage"]: s["log"] for s in detail["steps"]}
+    assert "SSH up, host key" in logs["wait_boot"] and "lighttpd answered during customize" in logs["customize"]
+    assert "ssh-hostkeys: /etc/ssh/ssh_host_ed25519_key\n" in logs["sanitize"]  # cloud-init made them at boot
+    # The vm path's snapshot: the guest shut itself down, and its disk, booted on its own, served the change.
+    assert "guest powering off" in logs["snapshot"] and "(guest powered itself off)" in logs["snapshot"]
+    assert "SSH up, host key" in logs["verify"]
+    probes = {p["name"]: p["passed"] for p in detail["probes"]}
+    assert probes["http :80/index.html"] is True and probes["command cat /etc/kiln-by-hand"] is True
+
     found = json.loads(run_kiln("lineage", outcome["image_id"], "--format", "json").stdout)
     assert found["build"]["interactive"] is True and found["build"]["reproducible_from_recipe"] is False
     image = lineage.resolve_image(outcome["image_id"])
@@ -109,6 +133,11 @@ def test_a_paused_build_changed_through_kiln_shell_is_resumed_and_marked_interac
     assert internal["interactive"] is True and internal["reproducibleFromRecipe"] is False
     assert any(b["name"] == "shell-session:1" for b in statement["predicate"]["runDetails"]["byproducts"])
     assert "not reproducible from its recipe alone" in interactive_warning(audit_subject(outcome["image_id"]))
+
+    in_vm, in_container = (lineage.resolve_image(i) for i in (outcome["image_id"], hello_build.image_id))
+    diff = compare_packages(lineage.packages_of(in_container.id), lineage.packages_of(in_vm.id))
+    assert diff.identical, diff.to_dict()
+    assert len(lineage.packages_of(in_vm.id)) > 150
     assert not (settings.data_dir() / "shell" / build_id).exists()
     assert_nothing_left(build_id)
 
@@ -204,9 +233,12 @@ def test_ask_abort_keeps_the_container_and_says_how_to_reach_it(tmp_path, prefec
 
 
 def test_enter_resumes_a_pause_before_customize_and_ask_cleanup_leaves_nothing(tmp_path, prefect_api):
+    """Also `kiln shell` into a build container (nsenter): the build is interactive, the transcript in its log."""
     args = ("--on-error", "ask", "--pause-before", "customize")
     with Terminal("build", str(failing_recipe(tmp_path)), *args) as terminal:
         terminal.expect(r"paused before customize")
+        shell = run_kiln("shell", paused_build(), "-c", f"echo {BY_HAND} > /etc/kiln-by-hand && cat /etc/kiln-by-hand")
+        assert shell.returncode == 0 and BY_HAND in shell.stdout, shell.stdout + shell.stderr
         terminal.type("\n")  # Enter goes on
         terminal.expect(r"resumed by Enter")
         terminal.expect(r"layer cache: off \(the build was paused before customize")
@@ -214,7 +246,9 @@ def test_enter_resumes_a_pause_before_customize_and_ask_cleanup_leaves_nothing(t
         terminal.type("cleanup\n")
         assert terminal.finish() == 1, terminal.seen
     [summary] = lineage.list_builds(recipe="hello", limit=1)
-    assert summary.build.status == "failed"
+    assert summary.build.status == "failed" and summary.build.interactive
+    [transcript] = [step.log for step in lineage.get_build(summary.build.id).steps if step.stage == "shell"]
+    assert f"$ echo {BY_HAND} > /etc/kiln-by-hand" in transcript and f"\n{BY_HAND}\n" in transcript
     assert_nothing_left(summary.build.id)
 
 
