@@ -355,6 +355,9 @@ class OpensSessions(Protocol):
     def access_hint(self, instance: Instance) -> str | None:
         """How a person gets a shell on a kept machine; None when it is reached over SSH."""
 
+    def shell_command(self, instance: Instance) -> list[str] | None:
+        """The command line of a root shell on a running machine (`kiln shell`); None when reached over SSH."""
+
 
 class StepLayers(Protocol):
     """One build machine's customize steps as cached layers (see clouds/layers.py)."""

@@ -282,6 +282,16 @@ class ContainerSession(ShellSession):
         )
 
 
+def shell_argv(leader: int) -> list[str]:
+    """A root shell in the running container as `kiln shell` starts it (its arguments follow: -l, or -c COMMAND),
+    with the container's capability bounding set, like every command kiln runs there."""
+    return [
+        "setpriv", f"--bounding-set=-all,{_bounding_set(leader)}",
+        "nsenter", f"--target={leader}", "--all", "--root", "--wd", "--",
+        "env", "-i", f"PATH={PATH}", "HOME=/root", "LANG=C.UTF-8", "TERM=xterm", "/bin/bash",
+    ]  # fmt: skip
+
+
 def _pump(stream, sink: LineSink, collected: list[str]) -> None:  # noqa: ANN001 - a binary pipe
     for raw in iter(stream.readline, b""):
         text = raw.decode(errors="replace")

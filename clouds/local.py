@@ -339,6 +339,15 @@ class LocalCloud:
             f"build container {instance.instance_id} is no longer running (filesystem at {instance.details['root']})"
         )  # fmt: skip
 
+    def shell_command(self, instance: Instance) -> list[str] | None:
+        """A root shell in a running build container (`kiln shell`); None for a QEMU guest (reached over SSH)."""
+        if instance.details.get("machine") != "container":
+            return None
+        leader = container.leader_of(int(instance.details["pid"]))
+        if leader is None:
+            raise CloudError(f"build container {instance.instance_id} is no longer running")
+        return container.shell_argv(leader)
+
     def _accel(self) -> str:
         if self.accel != "auto":
             return self.accel

@@ -108,6 +108,14 @@ class GuestSession(ShellSession):
     def close(self) -> None:
         self.connection.close()
 
+    def host_key_line(self) -> str:
+        """The guest's host key as this session pinned it, `type base64` (a known_hosts line's end)."""
+        transport = self.connection.client.get_transport()
+        if transport is None:
+            raise CloudError("the SSH session is closed: no host key to pin")
+        key = transport.get_remote_server_key()
+        return f"{key.get_name()} {key.get_base64()}"
+
     def run(
         self,
         command: str,

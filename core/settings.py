@@ -107,3 +107,27 @@ def notify_urls() -> list[str]:
     """KILN_NOTIFY: notification URLs in apprise's syntax, separated by spaces, told of every finished build on
     this host (secrets such as tokens belong here, in the host's environment, not in recipes)."""
     return os.environ.get(NOTIFY_ENV, "").split()
+
+
+PAUSE_TIMEOUT_ENV = "KILN_PAUSE_TIMEOUT"
+DEFAULT_PAUSE_TIMEOUT = 3600.0
+_PAUSE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_seconds(text: str, setting: str) -> float:
+    """'90', '90s', '30m', '2h', '1d' as seconds (more than 0); a SettingsError naming `setting` otherwise."""
+    value = text.strip().lower()
+    number, unit = value.rstrip("smhd"), value[len(value.rstrip("smhd")):]
+    try:
+        seconds = float(number) * _PAUSE_UNITS[unit]
+    except (KeyError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise SettingsError(setting, f"{text!r} is not a duration such as 600, 90s, 30m or 1h")
+    return seconds
+
+
+def pause_timeout() -> float:
+    """How long a paused build waits for someone to resume it before it gives up and cleans up (default 1 h)."""
+    text = os.environ.get(PAUSE_TIMEOUT_ENV)
+    return parse_seconds(text, PAUSE_TIMEOUT_ENV) if text else DEFAULT_PAUSE_TIMEOUT

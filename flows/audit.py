@@ -183,5 +183,14 @@ def audit_image(image_id: str, repo: str | None = None, threshold: float = DEFAU
         audit_id, status, fingerprint_found=found, files_compared=files.compared, files_identical=files.identical,
         identity=files.identity, packages=packages.to_dict(), files=files.to_dict(), excluded=list(EXCLUDED_PATTERNS),
     )
-    return AuditReport(audit_id, subject.image.image_id, rebuild.image_id, rebuilt["build_id"], subject.recipe.commit,
-                       subject.recipe.fingerprint, status, threshold, packages, files).to_dict()
+    report = AuditReport(audit_id, subject.image.image_id, rebuild.image_id, rebuilt["build_id"],
+                         subject.recipe.commit, subject.recipe.fingerprint, status, threshold, packages, files)
+    return {**report.to_dict(), "interactive": subject.build.interactive}
+
+
+def interactive_warning(subject: AuditSubject) -> str | None:
+    """What an audit says first of an image someone worked on by hand in its build (kiln shell)."""
+    if not subject.build.interactive:
+        return None
+    return (f"{subject.image.image_id}: {lineage.NOT_REPRODUCIBLE}; a rebuild from its recipe is expected to "
+            "differ by those changes")

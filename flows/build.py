@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from clouds import open_cloud, registry
 from core import settings
 from core.recipe import load_recipe
+from flows.pause import forget_shell_files, pause_problem
 from flows.request import BadInput, checked_request
 from flows.stages import CANCELLED, release_unless_kept, run_stages
 from flows.trigger import trigger_of_this_run
@@ -28,7 +29,7 @@ from provenance import gitinfo, lineage, store
 from provenance.redact import describe
 from tasks.common import BuildPlan, release_open
 
-OnError = Literal["cleanup", "abort"]
+OnError = Literal["cleanup", "abort", "ask"]
 _ACTIVE: dict[str, BuildPlan] = {}  # flow run id -> plan, for the flow's failure hooks in this process
 
 
@@ -49,11 +50,23 @@ def worker_run() -> dict[str, str]:
     return {key: value for key, value in found.items() if value}
 
 
+@dataclass(frozen=True)
+class HandsOn:
+    """Hands on the build: the stage to pause before (None: no pause) and how long a pause waits."""
+
+    pause_before: str | None = None
+    pause_timeout: float | None = None  # None: KILN_PAUSE_TIMEOUT, else 1 h
+
+
 def prepare(
-    recipe_path: str, target: str, *, trigger: str, on_error: str, require_clean: bool, use_cache: bool = True
+    recipe_path: str, target: str, *, trigger: str, on_error: str, require_clean: bool, use_cache: bool = True,
+    hands_on: HandsOn = HandsOn(),  # noqa: B008 - frozen
 ) -> BuildPlan:
     """Validate, capture git, record the recipe version and open the Build row: nothing launched yet."""
     recipe, _ = checked_request(recipe_path, [target])
+    if problem := pause_problem(hands_on.pause_before, require_clean=require_clean):
+        raise BadInput(problem)
+    pause_timeout = hands_on.pause_timeout or settings.pause_timeout()
     git = gitinfo.capture(recipe.path, recipe.referenced_files())
     if require_clean:
         gitinfo.require_clean(git)
@@ -75,7 +88,9 @@ def prepare(
         trigger=trigger,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         parameters={"recipe": str(recipe_path), "target": target, "on_error": on_error, "build_in": spec.build_in,
-                    "use_cache": use_cache, **worker_run()},
+                    "use_cache": use_cache, **worker_run(),
+                    **({"pause_before": hands_on.pause_before, "pause_timeout": pause_timeout}
+                       if hands_on.pause_before else {})},
     )
     return BuildPlan(
         build_id=build_id,
@@ -86,6 +101,8 @@ def prepare(
         cloud=cloud,
         on_error=on_error,
         use_cache=use_cache,
+        pause_before=hands_on.pause_before,
+        pause_timeout=pause_timeout,
     )
 
 
@@ -114,11 +131,14 @@ def build_image(
     trigger: str | None = None,
     require_clean: bool = False,
     use_cache: bool = True,
+    pause_before: str | None = None,
+    pause_timeout: float | None = None,
 ) -> dict:
     """One target's image: fetch base → launch → wait boot → customize → sanitize → snapshot → verify → register.
     `trigger` is for kiln's own callers (build-recipe, audit); None reads it from the run (flows/trigger.py)."""
     plan = prepare(recipe, target, trigger=trigger or trigger_of_this_run(), on_error=on_error,
-                   require_clean=require_clean, use_cache=use_cache)
+                   require_clean=require_clean, use_cache=use_cache,
+                   hands_on=HandsOn(pause_before, pause_timeout))
     _ACTIVE[str(flow_run.id)] = plan
     try:
         made = run_stages(plan)  # flows/stages.py: the order, the VM slot and the one failure policy
@@ -135,16 +155,25 @@ class BuildRequest(BaseModel):
 
     recipe: str = Field(description="Recipe file, relative to the worker's working directory (the kiln checkout)")
     targets: list[str] = Field(default_factory=list, description="Targets to build; empty builds every target")
-    on_error: OnError = Field("cleanup", description="cleanup: release everything; abort: keep the failed guest")
+    on_error: OnError = Field("cleanup", description="cleanup: release everything; abort: keep the failed guest; "
+                              "ask: ask in the terminal (a run without one cleans up)")
     require_clean: bool = Field(False, description="Refuse recipes with uncommitted or untracked files")
     use_cache: bool = Field(
         True, description="Reuse the cached layers of earlier container builds' customize steps (off: every step runs)"
     )
+    pause_before: str | None = Field(
+        None, description="Pause before this stage (customize, sanitize, snapshot) for changes by hand: `kiln shell "
+        "BUILD` gets in, `kiln resume BUILD` goes on; the build is then marked interactive")
+    pause_timeout: float | None = Field(
+        None, description="Seconds a pause waits before it gives up and cleans up (default KILN_PAUSE_TIMEOUT, 3600)")
 
 
 def targets_of(request: BuildRequest) -> list[str]:
     """All requested targets, checked before any build starts."""
-    return checked_request(request.recipe, request.targets)[1]
+    targets = checked_request(request.recipe, request.targets)[1]
+    if problem := pause_problem(request.pause_before, require_clean=request.require_clean):
+        raise BadInput(problem)
+    return targets
 
 
 @flow(name="build-recipe")
@@ -165,6 +194,8 @@ def build_recipe(request: BuildRequest) -> list[dict]:
             trigger,
             request.require_clean,
             request.use_cache,
+            request.pause_before,
+            request.pause_timeout,
             return_state=True,
         )
         for target in targets
@@ -230,4 +261,5 @@ def cleanup_build(build_id: str) -> list[str]:
                      recipe_version_id=detail.recipe.id, cloud=cloud)
     errors = release_open(plan)
     shutil.rmtree(settings.data_dir() / "debug" / detail.build.id, ignore_errors=True)
+    forget_shell_files(detail.build.id)
     return errors

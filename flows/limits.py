@@ -103,6 +103,19 @@ def list_limits() -> list[Limit]:
             offset += 200
 
 
+def paused_slots() -> dict[str, int]:
+    """Per limit, the slots held by builds paused for hands on their build machine (they hold theirs until resumed
+    or timed out)."""
+    from provenance import lineage
+
+    held: dict[str, int] = {}
+    for summary in lineage.list_builds(status="running", limit=10_000):
+        if summary.build.paused_before:
+            name = limit_name(summary.build.cloud, summary.build.region)
+            held[name] = held.get(name, 0) + 1
+    return held
+
+
 def ensure_default(name: str) -> bool:
     """Create `name` with its default unless it exists; True when created."""
     if _exists(name):

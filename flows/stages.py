@@ -4,6 +4,7 @@ and the tests read the same declaration."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 from prefect import Task
 
 from clouds.base import ImageRef
+from core.recipe import load_recipe
 from flows.limits import limit_name_for, vm_slot
-from provenance import store
+from flows.pause import PauseTimedOut, pause_before
+from provenance import gitinfo, store
 from provenance.redact import describe
 from tasks.common import LISTENERS, BuildListener, BuildPlan, release_open
 from tasks.customize import customize
@@ -122,11 +125,58 @@ def run_stages(plan: BuildPlan, stages: Sequence[Stage] = STAGES) -> Made:
                     else:
                         slot.close()
                     holding = stage.holds_vm
-                stage.step(plan, made)
+                if stage.name == plan.pause_before:
+                    pause_before(plan, stage.name, made.guest, cancelled=CANCELLED.is_set)
+                run_stage(plan, stage, made)
         except BaseException as exc:
             conclude_failure(plan, exc)
             raise
     return made
+
+
+def run_stage(plan: BuildPlan, stage: Stage, made: Made) -> None:
+    """One stage; with --on-error ask, a failure asks the terminal watching the build what to do: retry the stage
+    (after the recipe was fixed: it is read again), abort (keep everything) or clean up."""
+    while True:
+        try:
+            stage.step(plan, made)
+            return
+        except Exception as exc:
+            if plan.on_error != "ask" or is_cancellation(exc) or isinstance(exc, PauseTimedOut):
+                raise
+            choice = ask_on_error(plan, stage.name, exc)
+            if choice != "retry":
+                plan.on_error = choice  # abort keeps the machines, cleanup releases them: the policy below
+                raise
+            reread_recipe(plan)
+
+
+ON_ERROR_CHOICES = ("retry", "abort", "cleanup")
+
+
+def ask_on_error(plan: BuildPlan, stage: str, exc: BaseException) -> str:
+    """retry, abort or cleanup, from the first listener that can ask a person; cleanup when none can (a worker, a
+    build whose terminal is not interactive)."""
+    question = f"{stage} failed: {describe(exc).splitlines()[0] if describe(exc) else type(exc).__name__}"
+    for listener in LISTENERS:
+        ask = getattr(listener, "ask", None)
+        answer = ask(plan, stage, question, ON_ERROR_CHOICES) if ask is not None else None
+        if answer in ON_ERROR_CHOICES:
+            return answer
+    return "cleanup"
+
+
+def reread_recipe(plan: BuildPlan) -> None:
+    """A stage retried after the recipe was fixed runs what the recipe says now, and provenance records the
+    recipe version the build was finished from (its fingerprint, commit, dirty state)."""
+    recipe = load_recipe(plan.recipe.path)
+    git = gitinfo.capture(recipe.path, recipe.referenced_files())
+    version_id = store.record_recipe_version(
+        name=recipe.name, version=recipe.version, fingerprint=recipe.fingerprint(),
+        recipe_json=json.dumps(recipe.stored_form(), sort_keys=True), git=git,
+    )  # fmt: skip
+    store.set_recipe_version(plan.build_id, version_id)
+    plan.recipe, plan.git, plan.recipe_version_id = recipe, git, version_id
 
 
 # -- the failure policy ------------------------------------------------------------------------------------------
@@ -142,8 +192,9 @@ def is_cancellation(exc: BaseException) -> bool:
 
 
 def keeps_machines(plan: BuildPlan, *, cancelled: bool) -> bool:
-    """--on-error abort keeps a failed build's machines for debugging; a cancelled build keeps nothing."""
-    return plan.on_error == "abort" and not cancelled
+    """--on-error abort keeps a failed build's machines for debugging; a cancelled build keeps nothing, nor does a
+    paused one that nobody resumed in time."""
+    return plan.on_error == "abort" and not cancelled and not plan.timed_out
 
 
 def conclude_failure(plan: BuildPlan, exc: BaseException) -> None:
@@ -153,8 +204,12 @@ def conclude_failure(plan: BuildPlan, exc: BaseException) -> None:
             guest.session.close()
             guest.session = None
     cancelled = is_cancellation(exc)
+    plan.timed_out = isinstance(exc, PauseTimedOut)
     if keeps_machines(plan, cancelled=cancelled):
         notes = keep_for_debugging(plan)
+        for note in notes:  # the terminal watching the build says how to reach what it kept
+            for listener in LISTENERS:
+                listener.line(plan, "kept", note)
         store.finish_build(plan.build_id, "failed", error="\n".join([describe(exc), *notes]))
         return
     leftovers = release_open(plan)

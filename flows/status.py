@@ -44,7 +44,8 @@ def running() -> list[Running]:
     seen_builds: set[str] = set()
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+            # PAUSED: a worker's run paused for hands on its build machine still holds it (and its VM slot)
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PAUSED])),
             tags=FlowRunFilterTags(all_=["kiln"]),
         ))  # fmt: skip
         deployments: dict[str, str] = {}
@@ -86,7 +87,8 @@ def _row(flow_run: str, deployment: str | None, summary) -> Running:  # noqa: AN
     build = summary.build
     worker = json.loads(build.parameters_json or "{}").get("worker")
     return Running(flow_run, deployment, worker, build.host, build.pid, build.id, summary.recipe.name,
-                   build.target, build.cloud + (f" {build.region}" if build.region else ""), build.stage,
+                   build.target, build.cloud + (f" {build.region}" if build.region else ""),
+                   f"paused before {build.paused_before}" if build.paused_before else build.stage,
                    _iso(build.started))
 
 

@@ -21,6 +21,11 @@ class KilnGroup(TyperGroup):
     """Every command: a setting or database kiln cannot work with is one line naming the setting and the cause,
     exit 2, never a traceback."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from kiln.commands.build import with_default_pause
+
+        return super().parse_args(ctx, with_default_pause(args))
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -59,3 +64,4 @@ from kiln.commands import gc; gc.register(app)  # noqa: E402, E702, I001
 from kiln.commands import limits; limits.register(app)  # noqa: E402, E702, I001
 from kiln.commands import status; status.register(app)  # noqa: E402, E702, I001
 from kiln.commands import cache; cache.register(app)  # noqa: E402, E702, I001
+from kiln.commands import hands; hands.register(app)  # noqa: E402, E702, I001

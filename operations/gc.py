@@ -256,9 +256,11 @@ def _mark_image_deleted(item: Leftover) -> None:
 
 
 def _remove_debug_dirs(items: list[Leftover]) -> None:
-    """Keys written for --on-error abort go with the guests they opened."""
+    """Keys written for --on-error abort, and for `kiln shell` while a build was paused, go with the guests they
+    opened."""
     for build_id in {i.build_id for i in items if i.action == "released" and i.kind == "instance"}:
         shutil.rmtree(settings.data_dir() / "debug" / build_id, ignore_errors=True)
+        shutil.rmtree(settings.data_dir() / "shell" / build_id, ignore_errors=True)
 
 
 def _json(text: str | None) -> dict[str, Any]:

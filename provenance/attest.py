@@ -161,7 +161,9 @@ def statement_for(image_id: str) -> dict[str, Any]:
                     "target": build.target,
                     "parameters": json.loads(build.parameters_json or "{}"),
                 },
-                "internalParameters": {"cloud": build.cloud, "region": build.region, "trigger": build.trigger},
+                "internalParameters": {"cloud": build.cloud, "region": build.region, "trigger": build.trigger,
+                                       "interactive": build.interactive,
+                                       "reproducibleFromRecipe": not build.interactive},
                 "resolvedDependencies": dependencies,
             },
             "runDetails": {
@@ -169,10 +171,18 @@ def statement_for(image_id: str) -> dict[str, Any]:
                 "metadata": _present(  # finishedOn is absent while the build still runs (the register stage)
                     invocationId=build.id, startedOn=_rfc3339(build.started), finishedOn=_rfc3339(build.finished)
                 ),
-                "byproducts": probes + packages,
+                "byproducts": probes + packages + _shell_sessions(detail.steps),
             },
         },
     }
+
+
+def _shell_sessions(steps: list[Any]) -> list[dict[str, Any]]:
+    """Each `kiln shell` session in the build (hands on the build machine): its redacted transcript's digest."""
+    return [{"name": f"shell-session:{step.attempt}",
+             "digest": {"sha256": hashlib.sha256(step.log.encode()).hexdigest()},
+             "annotations": {"interactive": True, "note": "not reproducible from the recipe alone"}}
+            for step in steps if step.stage == "shell"]
 
 
 def write_statement(image_id: str, key: Ed25519PrivateKey, out: Path) -> dict[str, Any]:

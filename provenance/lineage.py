@@ -258,6 +258,10 @@ class UnknownImage(LookupError):
     """No image row has this cloud image id or file digest."""
 
 
+# What kiln says of an image whose build someone worked in by hand (`kiln show`, `kiln lineage`, `kiln audit`).
+NOT_REPRODUCIBLE = "interactive: someone worked in the build machine by hand (kiln shell); " \
+    "the image is not reproducible from its recipe alone"
+
 KIND_PREFERENCE = {"built": 0, "published": 1, "copy": 2, "base": 3}
 
 
@@ -296,8 +300,8 @@ class LineageNode:
             "build": None if self.build is None else {
                 key: _row_dict(self.build)[key]
                 for key in ("id", "target", "cloud", "region", "trigger", "status", "started", "finished",
-                            "kiln_version")
-            },
+                            "kiln_version", "interactive")
+            } | {"reproducible_from_recipe": not self.build.interactive},
             "recipe": None if self.recipe is None else _recipe_source(self.recipe),
         }
 

@@ -104,6 +104,12 @@ class Build(SQLModel, table=True):
     parameters_json: str = Field(default="{}", sa_type=Text)
     # customize's steps as layers (container builds): [{"step", "key", "reused_from": build id or null}], in order
     layers_json: str = Field(default="[]", sa_type=Text)
+    # Hands on the build: someone used `kiln shell` in it (its image is not reproducible from its recipe alone)
+    interactive: bool = False
+    paused_before: str | None = None  # the stage a paused build waits before; None when not paused
+    pause_deadline: dt.datetime | None = Field(default=None, sa_type=UtcDateTime)  # when a pause gives up
+    resume_requested: dt.datetime | None = Field(default=None, sa_type=UtcDateTime)  # `kiln resume` asked to go on
+    shell_json: str = Field(default="{}", sa_type=Text)  # while paused: how `kiln shell` gets in (argv, no secret)
 
 
 class StepRun(SQLModel, table=True):

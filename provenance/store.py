@@ -473,6 +473,75 @@ def _proc_stat(pid: int) -> tuple[str, dt.datetime | None] | None:
     return fields[0], started
 
 
+# ------------------------------------------------------------------------------------------ hands on a build
+
+
+def pause_build(build_id: str, *, stage: str, deadline: dt.datetime, shell: dict) -> None:
+    """The build waits before `stage` until `deadline`; `shell` says how `kiln shell` gets in (no secret in it)."""
+    with _writing() as session:
+        build = _get(session, Build, build_id)
+        build.paused_before, build.pause_deadline, build.resume_requested = stage, deadline, None
+        build.shell_json = _json(shell)
+        session.add(build)
+
+
+def request_resume(build_id: str) -> bool:
+    """`kiln resume`: ask a paused build to go on; False when it is not paused (or no longer running)."""
+    with _writing() as session:
+        build = _get(session, Build, build_id)
+        if build.paused_before is None or build.status != "running":
+            return False
+        build.resume_requested = build.resume_requested or utcnow()
+        session.add(build)
+        return True
+
+
+def resume_requested(build_id: str) -> bool:
+    """Whether someone asked the paused build to go on."""
+    with Session(engine()) as session:
+        return _get(session, Build, build_id).resume_requested is not None
+
+
+def end_pause(build_id: str) -> None:
+    """The build goes on (or gives up): no longer paused, and nobody gets in through `kiln shell` any more."""
+    with _writing() as session:
+        build = _get(session, Build, build_id)
+        build.paused_before, build.pause_deadline, build.shell_json = None, None, "{}"
+        session.add(build)
+
+
+def mark_interactive(build_id: str) -> None:
+    """Someone works in the build machine by hand: its image is no longer reproducible from its recipe alone."""
+    with _writing() as session:
+        build = _get(session, Build, build_id)
+        build.interactive = True
+        session.add(build)
+
+
+def record_shell_session(build_id: str, transcript: str, *, started: dt.datetime) -> int:
+    """A `kiln shell` session as a "shell" step of the build, its transcript (redacted) as the step's log."""
+    with _writing() as session:
+        build = _get(session, Build, build_id)
+        build.interactive = True
+        session.add(build)
+        attempt = len(session.exec(select(StepRun.id).where(StepRun.build_id == build_id,
+                                                            StepRun.stage == "shell")).all()) + 1  # fmt: skip
+        step = StepRun(build_id=build_id, stage="shell", attempt=attempt, status="succeeded", started=started,
+                       finished=utcnow(), log=redact(transcript))  # fmt: skip
+        session.add(step)
+        session.flush()
+        assert step.id is not None
+        return step.id
+
+
+def set_recipe_version(build_id: str, recipe_version_id: int) -> None:
+    """The recipe a build was finished from (a stage retried after its recipe was edited)."""
+    with _writing() as session:
+        build = _get(session, Build, build_id)
+        build.recipe_version_id = recipe_version_id
+        session.add(build)
+
+
 # ------------------------------------------------------------------------------------------------ steps
 
 

@@ -59,6 +59,9 @@ class BuildPlan:
     guests: list[Any] = field(default_factory=list, repr=False)  # tasks.launch.Guest, newest last
     base_digest: str = ""  # set by fetch_base: the root of the customize steps' layer keys
     use_cache: bool = True  # customize may reuse layers of earlier builds (where the build machine keeps them)
+    pause_before: str | None = None  # the stage to pause before, for hands on the build machine (flows/pause.py)
+    pause_timeout: float = 3600.0  # seconds a pause waits for someone to resume it before it gives up
+    timed_out: bool = False  # the pause gave up: everything is released, whatever on_error says
 
     @property
     def target(self) -> CloudTarget:

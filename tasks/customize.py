@@ -126,6 +126,11 @@ def customize(plan: BuildPlan, guest: Guest, *, step_log: StepLog) -> None:
     timeout, steps = plan.recipe.timeouts.customize, steps_of(plan)
     keys = layer_keys(plan.base_digest, steps)
     layers = plan.cloud.layers(guest.instance) if isinstance(plan.cloud, KeepsLayers) else None
+    if layers is not None and plan.pause_before == "customize":
+        # Hands on the machine before these steps: what was done by hand would be in their layers, and a later build
+        # reusing them would carry it unrecorded; restoring layers would also restart the machine under the person.
+        step_log("layer cache: off (the build was paused before customize for changes by hand)")
+        layers = None
     chain: list[dict] = []
     reused = []
     if layers is not None and plan.use_cache:

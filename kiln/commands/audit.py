@@ -7,7 +7,7 @@ from typing import NoReturn
 
 import typer
 
-from kiln.commands.output import fail, safe, stdout
+from kiln.commands.output import fail, safe, stderr, stdout
 
 SHOWN_PATHS = 20  # differing paths printed per kind (the record keeps more; --json prints what was recorded)
 
@@ -25,14 +25,16 @@ def audit(
 ) -> None:
     """Repeatability audit: check out the recorded commit, verify the recipe fingerprint, rebuild the same target,
     compare packages and every file of the two disks. Exit 0 passed, 1 differs or failed, 2 bad input."""
-    from flows.audit import AuditError, audit_image, audit_subject
+    from flows.audit import AuditError, audit_image, audit_subject, interactive_warning
     from kiln.commands.build import quiet_prefect_console, quiet_prefect_runs
     from provenance.lineage import UnknownImage
 
     try:
-        audit_subject(image_id)  # bad input stops here, before Prefect starts or anything is rebuilt
+        subject = audit_subject(image_id)  # bad input stops here, before Prefect starts or anything is rebuilt
     except (UnknownImage, AuditError) as exc:
         _fail(str(exc), 2)
+    if warning := interactive_warning(subject):
+        stderr().print(f"[yellow]warning:[/] {safe(warning)}")
     quiet_prefect_console()
     quiet_prefect_runs()
     try:
@@ -56,6 +58,8 @@ def print_report(report: dict) -> None:
     colour = "green" if report["status"] == "passed" else "red"
     console.print(f"audit {report['audit_id']} of [bold]{safe(report['image_id'])}[/]: [{colour}]"
                   f"{report['status']}[/]")
+    if report.get("interactive"):
+        console.print("  [yellow]built interactively (kiln shell): not reproducible from its recipe alone[/]")
     console.print(f"  commit {report['commit'][:12]}, recipe fingerprint {report['fingerprint'][:16]} (verified)")
     console.print(f"  rebuilt as {safe(report['rebuild_image_id'])} (build {report['rebuild_build_id'][:12]})")
     console.print(f"  files: [bold]{files['identity']:.2f}%[/] identical ({files['identical']} of {files['compared']};"

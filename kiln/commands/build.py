@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.prompt import Prompt
 from rich.table import Table
 from rich.text import Text
 
@@ -69,6 +71,42 @@ class LiveStages:
         self.build_ids: dict[str, str] = {}
         self.notes: dict[tuple[str, str], str] = {}
         self.lock = threading.Lock()
+        self.display: Live | None = None  # the live table, stopped while a question is asked
+        self.interactive = sys.stdin.isatty()  # a person can answer (--on-error ask) and press Enter (a pause)
+        self.terminal = threading.Lock()  # one question or pause reads the terminal at a time
+
+    def ask(self, plan, stage: str, question: str, choices: tuple[str, ...]) -> str | None:  # noqa: ANN001
+        """--on-error ask: the person at this terminal chooses (None when nobody can)."""
+        if not self.interactive:
+            return None
+        with self.terminal:
+            if self.display is not None:
+                self.display.stop()
+            try:
+                self.console.print(Text(f"[{plan.target_name}] {question}"), soft_wrap=True)
+                self.console.print("  retry: run the stage again (fix the recipe's script first: it is read again)\n"
+                                   "  abort: keep everything as it is and say how to reach it\n"
+                                   "  cleanup: release everything", highlight=False)
+                return Prompt.ask(Text(f"[{plan.target_name}] what now"), choices=list(choices), default="cleanup",
+                                  console=self.console)
+            except (EOFError, OSError):  # the terminal went away: nobody to ask
+                return None
+            finally:
+                if self.display is not None:
+                    self.display.start()
+
+    def wait_enter(self, timeout: float) -> bool:
+        """A pause: whether Enter was pressed in this terminal within `timeout` seconds."""
+        if not self.interactive or not self.terminal.acquire(timeout=timeout):
+            return False
+        try:
+            ready, _, _ = select.select([sys.stdin], [], [], timeout)
+            return bool(ready) and sys.stdin.readline() != ""  # "": the terminal went away
+        except (OSError, ValueError):
+            self.interactive = False
+            return False
+        finally:
+            self.terminal.release()
 
     def stage_changed(self, plan, stage: str, status: str) -> None:  # noqa: ANN001 - a tasks.common.BuildPlan
         with self.lock:
@@ -109,6 +147,31 @@ class LiveStages:
         return table
 
 
+PAUSE_OPTION = "--pause-before"
+DEFAULT_PAUSE_STAGE = "sanitize"  # flows.pause.DEFAULT_STAGE (the CLI parses arguments before importing flows)
+
+
+def with_default_pause(args: list[str]) -> list[str]:
+    """`kiln build RECIPE --pause-before` without a stage pauses before sanitize: a bare option (last, or followed by
+    another option or by the recipe file) gets the default stage."""
+    if not args or args[0] != "build" or PAUSE_OPTION not in args:
+        return args
+    at = args.index(PAUSE_OPTION)
+    following = args[at + 1] if at + 1 < len(args) else None
+    bare = following is None or following.startswith("-") or following.endswith((".yaml", ".yml")) or \
+        Path(following).is_file()
+    return [*args[: at + 1], DEFAULT_PAUSE_STAGE, *args[at + 1:]] if bare else args
+
+
+def _checked_pause_timeout(text: str | None) -> float | None:
+    from core.settings import SettingsError, parse_seconds
+
+    try:
+        return parse_seconds(text, "--pause-timeout") if text is not None else None
+    except SettingsError as exc:
+        fail(str(exc), 2)
+
+
 def register(app: typer.Typer) -> None:
     register_cleanup(app)
 
@@ -116,16 +179,29 @@ def register(app: typer.Typer) -> None:
     def build(
         recipe: Path = typer.Argument(..., help="Recipe file (YAML)"),
         target: list[str] = typer.Option([], "--target", "-t", help="Target to build (repeat); default: all"),
-        on_error: str = typer.Option("cleanup", help="cleanup: release everything; abort: keep the failed guest"),
+        on_error: str = typer.Option(
+            "cleanup", help="cleanup: release everything; abort: keep the failed guest; ask: ask in this terminal "
+            "(retry the stage, abort or cleanup; without a terminal, cleanup)"),
+        pause_before: str | None = typer.Option(
+            None, PAUSE_OPTION, help="Pause before this stage (customize, sanitize, snapshot; alone: sanitize) for "
+            "changes by hand: `kiln shell BUILD` gets in, Enter or `kiln resume BUILD` goes on"),
+        pause_timeout: str | None = typer.Option(
+            None, help="How long a pause waits before it gives up and cleans up (600, 30m, 2h; default "
+            "KILN_PAUSE_TIMEOUT, else 1h)"),
         require_clean: bool = typer.Option(False, help="Refuse a recipe with uncommitted or untracked files"),
         no_cache: bool = typer.Option(False, "--no-cache", help="Run every customize step (reuse no cached layer)"),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (no live table)"),
     ) -> None:
         """Build a recipe's targets: fetch base → launch → wait boot → customize → sanitize → snapshot → verify →
         register. Exit 0 when every target succeeded, 1 when any failed, 2 on bad input (nothing launched)."""
-        if on_error not in ("cleanup", "abort"):
-            fail(f"--on-error: {on_error!r} is not one of cleanup, abort", 2)
+        if on_error not in ("cleanup", "abort", "ask"):
+            fail(f"--on-error: {on_error!r} is not one of cleanup, abort, ask", 2)
+        timeout = _checked_pause_timeout(pause_timeout)
         targets = _checked_targets(recipe, target)
+        _check_pause(pause_before, require_clean)
+        if on_error == "ask" and not sys.stdin.isatty():
+            stderr().print("--on-error ask: no terminal to ask in; a failed stage is cleaned up")
+            on_error = "cleanup"
         quiet_prefect_console()
         from flows.build import BadInput, BuildRequest, build_recipe
         from flows.stages import STAGE_NAMES, watched_by
@@ -136,13 +212,14 @@ def register(app: typer.Typer) -> None:
         live_table = console.is_terminal and not as_json
         listener = LiveStages(targets, STAGE_NAMES, console, live_table)
         request = BuildRequest(recipe=str(recipe), targets=targets, on_error=on_error, require_clean=require_clean,
-                               use_cache=not no_cache)  # fmt: skip
+                               use_cache=not no_cache, pause_before=pause_before, pause_timeout=timeout)  # fmt: skip
         try:
             with ExitStack() as stack:
                 stack.enter_context(watched_by(listener))
                 stack.enter_context(without_flow_heartbeats())
                 if live_table:
-                    stack.enter_context(Live(listener, console=console, refresh_per_second=4, transient=False))
+                    listener.display = stack.enter_context(
+                        Live(listener, console=console, refresh_per_second=4, transient=False))
                 results = build_recipe(request)
         except BadInput as exc:
             stderr().print(Text(printable(str(exc))))
@@ -189,6 +266,13 @@ def _checked_targets(recipe: Path, requested: list[str]) -> list[str]:
         raise typer.Exit(2) from None
     _check_settings(loaded, targets)
     return targets
+
+
+def _check_pause(pause_before: str | None, require_clean: bool) -> None:
+    from flows.pause import pause_problem
+
+    if problem := pause_problem(pause_before, require_clean=require_clean):
+        fail(problem, 2)
 
 
 def _check_settings(recipe: Recipe, targets: list[str]) -> None:

@@ -39,14 +39,16 @@ def set_(
 @limits_app.command("list")
 def list_() -> None:
     """kiln's limits on the Prefect server, with the slots in use now."""
-    from flows.limits import default_limit, list_limits
+    from flows.limits import default_limit, list_limits, paused_slots
 
     found = list_limits()
+    paused = paused_slots()
     table = Table(box=None, pad_edge=False)
-    for column in ("limit", "VMs at once", "in use", "active"):
+    for column in ("limit", "VMs at once", "in use", "paused", "active"):
         table.add_column(column)
     for each in found:
-        table.add_row(safe(each.name), str(each.limit), str(each.active_slots), "yes" if each.active else "no")
+        table.add_row(safe(each.name), str(each.limit), str(each.active_slots), str(paused.get(each.name, 0)),
+                      "yes" if each.active else "no")
     out = Console()
     if found:
         out.print(table)

@@ -98,6 +98,8 @@ def label(node: LineageNode, *, markup: bool = True) -> str:
         parts.append(f"fingerprint {shown(recipe.fingerprint[:12])}")
     if build is not None:
         parts.append(shown(f"build {build.id[:8]} {build.target}"))
+        if build.interactive:
+            parts.append("interactive: not reproducible from its recipe alone")
     if image.sha256:
         parts.append(f"sha256 {shown(image.sha256[:12])}")
     if image.revoked_reason and image.status != "available":

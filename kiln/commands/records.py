@@ -140,6 +140,7 @@ def _print_build(detail: lineage.BuildDetail, *, logs: bool) -> None:
         for layer in layers:
             origin = f"reused from build {safe(layer['reused_from'][:12])}" if layer.get("reused_from") else "made here"
             console.print(f"           {safe(layer['step'])}: {safe(layer['key'][:12])} {origin}", highlight=False)
+    _print_hands_on(detail, console)
     if b.error:
         console.print(f"  [red]error[/]    {safe(b.error)}", highlight=False)
     steps = Table("stage", "attempt", "status", "started", "took", "error", title="stages")
@@ -164,8 +165,30 @@ def _print_build(detail: lineage.BuildDetail, *, logs: bool) -> None:
         console.print(table)
     if logs:
         for step in detail.steps:
+            if step.stage == "shell":
+                continue  # printed above, with the other shell sessions
             console.print(f"── {safe(step.stage)} (attempt {step.attempt}) ──", style="bold", highlight=False)
             console.print(plain_lines(step.log), markup=False, highlight=False, end="")
+
+
+def _print_hands_on(detail: lineage.BuildDetail, console: Any) -> None:
+    """A paused build: how to get in and go on. An interactive one: that its image is not reproducible from its
+    recipe alone, and the transcript of every `kiln shell` session in it."""
+    from provenance.lineage import NOT_REPRODUCIBLE
+
+    b = detail.build
+    if b.paused_before and b.status == "running":
+        console.print(f"  [yellow]paused[/]   before {safe(b.paused_before)} until {_when(b.pause_deadline)}: "
+                      f"kiln shell {safe(b.id)}; kiln resume {safe(b.id)}")
+    if not b.interactive:
+        return
+    console.print(f"  [yellow]{safe(NOT_REPRODUCIBLE)}[/]")
+    for step in detail.steps:
+        if step.stage == "shell":
+            console.print(f"── shell session {step.attempt} ({_when(step.started)}, transcript, redacted) ──",
+                          style="bold", highlight=False)
+            console.print(plain_lines(step.log), markup=False, highlight=False, end="" if step.log.endswith("\n")
+                          else "\n")
 
 
 def _print_json(value: Any) -> None:

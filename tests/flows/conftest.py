@@ -96,14 +96,14 @@ echo "lighttpd did not answer" >&2; exit 1
 """
 
 
-def service_recipe(tmp_path: Path, build_in: str | None = None) -> Path:
-    """SERVICE_RECIPE with its files, committed in a repo of its own."""
+def service_recipe(tmp_path: Path, build_in: str | None = None, more_verify: str = "") -> Path:
+    """SERVICE_RECIPE with its files (and more_verify's probe lines), committed in a repo of its own."""
     files = {
         "scripts/hello.sh": (REPO / "recipes/scripts/hello.sh").read_text(),
         "scripts/talk.sh": TALK_SCRIPT,
         "files/index.html": "<p>served by kiln</p>\n",
     }
-    return committed_recipe(tmp_path, with_build_in(SERVICE_RECIPE, build_in), files)
+    return committed_recipe(tmp_path, with_build_in(SERVICE_RECIPE, build_in) + more_verify, files)
 
 
 def run_kiln(*args: str, timeout: float = 1500, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -46,14 +46,14 @@ def _run_python(code: str, db_url: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_upgrade_from_empty_creates_every_table_at_head(empty_db_url: str) -> None:
-    assert store.upgrade(empty_db_url) == store.head_revision() == "0005"
-    assert store.current_revision(empty_db_url) == "0005"
+    assert store.upgrade(empty_db_url) == store.head_revision() == "0006"
+    assert store.current_revision(empty_db_url) == "0006"
     inspector = inspect(store.engine(empty_db_url))
     assert set(inspector.get_table_names()) == TABLES | {"alembic_version"}
     assert {"ix_image_image_id", "ix_image_parent_id", "ix_image_build_id", "ix_image_sha256"} <= {
         index["name"] for index in inspector.get_indexes("image")
     }
-    assert store.upgrade(empty_db_url) == "0005"  # again: nothing to do, no error
+    assert store.upgrade(empty_db_url) == "0006"  # again: nothing to do, no error
 
 
 def test_models_and_migrations_are_in_sync(empty_db_url: str) -> None:
@@ -94,7 +94,7 @@ def test_concurrent_first_use_migrates_once(empty_db_url: str) -> None:
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
     results = [(p.returncode, out.strip()) for p, (out, _) in zip(procs, outputs, strict=True)]
-    assert results == [(0, "0005")] * 4, outputs
+    assert results == [(0, "0006")] * 4, outputs
 
 
 def test_store_round_trip(db_url: str) -> None:

@@ -118,7 +118,7 @@ def test_db_upgrade_on_a_fresh_kiln_home(tmp_path: Path) -> None:
     kiln = Path(sys.executable).parent / "kiln"
     env = {k: v for k, v in os.environ.items() if k != "KILN_DATABASE_URL"} | {"KILN_HOME": str(tmp_path / "home")}
     result = subprocess.run([str(kiln), "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120)
-    assert (result.returncode, result.stdout.strip()) == (0, "0005"), result.stderr
+    assert (result.returncode, result.stdout.strip()) == (0, "0006"), result.stderr
     assert (tmp_path / "home" / "kiln.db").is_file()
 
 
