@@ -66,6 +66,11 @@ def left_behind(harness: MotoGuests) -> dict[str, list[str]]:
     return {kind: ids for kind, ids in found.items() if ids}
 
 
+def built_on_ec2() -> set[str]:
+    """AMIs kiln built or copied (not the base rows fetch_base records, which depend on which tests ran first)."""
+    return {i.image.image_id for i in lineage.list_images(cloud="ec2") if i.image.kind != "base"}
+
+
 def test_kiln_build_on_ec2_makes_a_verified_ami_copied_shared_and_recorded_and_leaves_nothing_else(
     tmp_path: Path, moto_guests: MotoGuests
 ) -> None:
@@ -104,3 +109,26 @@ def test_kiln_build_on_ec2_makes_a_verified_ami_copied_shared_and_recorded_and_l
     lineage_json = run_kiln("lineage", ami, "--format", "json")
     assert lineage_json.returncode == 0, lineage_json.stderr
     assert copy["ImageId"] in lineage_json.stdout and OTHER in lineage_json.stdout
+
+
+def test_kiln_build_on_ec2_failing_in_customize_leaves_no_instance_key_group_or_image(
+    tmp_path: Path, moto_guests: MotoGuests
+) -> None:
+    recipe = write_recipe(tmp_path / "recipe", moto_guests.endpoint, moto_guests.subnet_id,
+                          script="#!/bin/sh\necho about to fail\nexit 3\n")  # fmt: skip
+    before = built_on_ec2()
+
+    result = run_kiln("build", str(recipe), "--target", "ec2", "--json")
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    [outcome] = json.loads(result.stdout)
+    assert outcome["status"] == "failed" and outcome["stage"] == "customize" and "exit code 3" in outcome["error"]
+    assert left_behind(moto_guests) == {}
+    detail = lineage.get_build(outcome["build_id"])
+    assert detail.build.stage == "customize" and [s.stage for s in detail.steps] == STAGES[:4]
+    assert "about to fail" in detail.steps[-1].log
+    assert detail.images == [] and built_on_ec2() == before
+    assert store.open_resources(outcome["build_id"]) == []
+    images = moto_guests.client(HOME).describe_images(Owners=["self"], Filters=[
+        {"Name": f"tag:{TAG_BUILD}", "Values": [outcome["build_id"]]}])["Images"]  # fmt: skip
+    assert images == []

@@ -16,8 +16,6 @@ build is marked interrupted by the next `kiln build` that starts (or by gc, for 
 
 from __future__ import annotations
 
-import json
-import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -46,7 +44,6 @@ pytestmark = pytest.mark.vm  # the shared guest
 
 REGION = "us-east-1"
 SIGINT = "SIGINT at launch"
-FAILING = "a failing script"
 # Keep the shared guest reachable by the next build: its host keys and cloud-init state stay (the image audit
 # then does not check them; it still checks the build key, machine-id and shell history).
 SANITIZE = "sanitize: {disable: [zero-free-space, ssh-hostkeys, cloud-init-state]}"
@@ -67,7 +64,6 @@ class Outcome:
     status_after_kill: str = ""
     held: list[str] = field(default_factory=list)  # its kiln resources in the cloud when the process ended
     left: list[str] = field(default_factory=list)  # … after gc
-    stdout: str = ""  # `kiln build --json`'s, whole
 
 
 @dataclass
@@ -193,38 +189,7 @@ scripts: [{{inline: 'true', name: nothing}}]
 verify: [{{port: {{port: 22}}}}]
 """)
     with vm_slots(limits.limit_name("ec2", REGION), 20):
-        failing = failing_customize(recipe, ec2_left(moto_server), shared_guest)
-        campaign = run_campaign("moto", recipe, "faults-ec2", "ec2", ec2_left(moto_server), shared_guest)
-    campaign.outcomes[FAILING] = failing
-    return campaign
-
-
-def failing_customize(recipe: Path, left: Callable[[str], list[str]], env: dict[str, str]) -> Outcome:
-    """The recipe with a script that fails, built to its end (no fault fires): what it left, before any gc."""
-    failing = recipe.with_name("failing.yaml")
-    failing.write_text(recipe.read_text().replace("name: faults-ec2", "name: faults-ec2-failing").replace(
-        "scripts: [{inline: 'true', name: nothing}]", "scripts: [{inline: 'echo about to fail; exit 3', name: fail}]"))
-    subprocess.run(["git", "add", "-A"], cwd=recipe.parent, check=True)
-    subprocess.run(["git", "commit", "-qm", "failing"], cwd=recipe.parent, check=True)
-    result = kiln_build_with_fault(failing, "ec2", "SIGKILL:none:never", timeout=600, env=env)
-    outcome = Outcome(FAILING, result.returncode, result.stdout[-3000:] + result.stderr[-5000:], stdout=result.stdout)
-    outcome.build_id = newest_build_of("faults-ec2-failing")
-    outcome.left = left(outcome.build_id) if outcome.build_id else []
-    return outcome
-
-
-def test_a_script_failing_on_moto_fails_customize_and_releases_everything_in_process(moto_campaign: Campaign,
-                                                                                     ) -> None:  # fmt: skip
-    """A failed stage's cleanup on EC2 (the runner's one failure policy; Ctrl-C's is judged below), no gc."""
-    outcome = moto_campaign.outcomes[FAILING]
-    assert outcome.returncode == 1, outcome.output
-    [result] = json.loads(outcome.stdout)
-    assert result["status"] == "failed" and result["stage"] == "customize" and "exit code 3" in result["error"]
-    detail = lineage.get_build(outcome.build_id)
-    assert [s.stage for s in detail.steps] == STAGES[:4] and "about to fail" in detail.steps[-1].log
-    assert detail.images == [] and store.open_resources(outcome.build_id) == []
-    assert outcome.left == [], "no instance, key pair, security group or image of the build, before any gc"
-    assert outcome.build_id[:8] not in moto_campaign.gc_output, "gc found nothing of it"
+        return run_campaign("moto", recipe, "faults-ec2", "ec2", ec2_left(moto_server), shared_guest)
 
 
 def test_sigint_on_moto_cleans_up_in_process_and_gc_finds_nothing(moto_campaign: Campaign) -> None:
