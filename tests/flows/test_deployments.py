@@ -89,7 +89,7 @@ def test_prefect_yaml_deploys_every_deployment_into_the_kiln_pool(front_door: Fr
     assert build.entrypoint == "flows.build:build_recipe"
     request = build.parameter_openapi_schema["definitions"]["BuildRequest"]["properties"]
     assert {"recipe", "targets", "on_error", "require_clean"} <= set(request)
-    assert request["on_error"]["enum"] == ["cleanup", "abort"]
+    assert request["on_error"]["enum"] == ["cleanup", "abort", "ask"]  # ask: a worker run has no terminal: cleanup
     assert build.work_pool_name == "kiln"
     assert str(REPO) in str(build.job_variables.get("working_dir"))
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
