@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -106,12 +107,15 @@ def test_gc_releases_a_dead_builds_instance_and_image_and_marks_it_interrupted_a
 def test_gc_releases_instances_before_images_before_key_pairs():
     cloud = LocalCloud()
     dead = build_in_a_process_that_ends("verify")
-    ledger(dead, "keypair", "key-0123")
-    local_image(cloud, dead)
-    local_instance(cloud, dead)
+    key_row = ledger(dead, "keypair", "key-0123")
+    image, instance = local_image(cloud, dead), local_instance(cloud, dead)
 
     kinds = [i.kind for i in mine(find_leftovers(), {dead})]
 
+    # What this test made goes now: a later test's gc over everything (the reaper's) must not meet it.
+    store.ledger_released(key_row)
+    shutil.rmtree(cloud.images_dir / image)
+    shutil.rmtree(cloud.state_dir / instance)
     assert kinds == sorted(kinds, key=RELEASE_ORDER.index) and kinds[0] == "instance" and kinds[-1] == "keypair"
 
 
